@@ -1,0 +1,225 @@
+"""Building blocks of MPRNet (Zamir et al., CVPR 2021), in Flax NNX and NHWC.
+
+Attribute names and list positions mirror the module paths of the official PyTorch model, so
+that `conversion.py` can map a checkpoint onto this tree by walking paths: a PyTorch
+`nn.Sequential(conv, act, conv)` becomes an `nnx.List` whose parameterless entries (activation,
+resampling) keep their positions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Dtype = Any
+
+
+def _torch_uniform(fan_in: int):
+  """PyTorch's default conv initialisation: U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+  bound = 1.0 / math.sqrt(fan_in)
+
+  def init(key, shape, dtype=jnp.float32):
+    return jax.random.uniform(key, shape, dtype, -bound, bound)
+
+  return init
+
+
+def conv(in_features: int, out_features: int, kernel_size: int, *, bias: bool = False,
+         dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
+  """A stride-1 convolution with zero 'same' padding and PyTorch's default initialisation."""
+  fan_in = in_features * kernel_size * kernel_size
+  return nnx.Conv(
+      in_features, out_features, (kernel_size, kernel_size), padding='SAME', use_bias=bias,
+      dtype=dtype, param_dtype=param_dtype, kernel_init=_torch_uniform(fan_in),
+      bias_init=_torch_uniform(fan_in), rngs=rngs)
+
+
+class PReLU(nnx.Module):
+  """PReLU with one learnt slope; the official network builds one and shares it everywhere."""
+
+  def __init__(self, init: float = 0.25, param_dtype: Dtype = jnp.float32):
+    # An explicit dtype: a weakly typed scalar would change type after the first update and
+    # make the jitted step compile again.
+    self.weight = nnx.Param(jnp.full((1,), init, dtype=param_dtype))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    slope = self.weight[...].astype(x.dtype)
+    return jnp.where(x >= 0, x, slope * x)
+
+
+class ReLU(nnx.Module):
+  """Placeholder keeping the position of PyTorch's ReLU in a sequential list."""
+
+  def __call__(self, x):
+    return jax.nn.relu(x)
+
+
+class Sigmoid(nnx.Module):
+  """Placeholder keeping the position of PyTorch's Sigmoid in a sequential list."""
+
+  def __call__(self, x):
+    return jax.nn.sigmoid(x)
+
+
+def downsample_half(x: jax.Array) -> jax.Array:
+  """Bilinear resize by 1/2 (torch, align_corners=False, no antialiasing) of an even-sized map.
+
+  For even sizes every output sample falls exactly between two input samples on each axis, so
+  the resize is the mean of each 2x2 block. (N, H, W, C) -> (N, H/2, W/2, C).
+  """
+  n, h, w, c = x.shape
+  blocks = x.reshape(n, h // 2, 2, w // 2, 2, c)
+  return blocks.mean(axis=(2, 4), dtype=jnp.float32).astype(x.dtype)
+
+
+def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
+  # torch's align_corners=False maps output 2j to input j - 1/4 and 2j+1 to j + 1/4, with
+  # source indices clamped at the borders (hence edge padding).
+  size = x.shape[axis]
+  padded = jnp.concatenate(
+      [jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+       jax.lax.slice_in_dim(x, size - 1, size, axis=axis)], axis=axis)
+  before = jax.lax.slice_in_dim(padded, 0, size, axis=axis)
+  after = jax.lax.slice_in_dim(padded, 2, size + 2, axis=axis)
+  even = 0.25 * before + 0.75 * x
+  odd = 0.75 * x + 0.25 * after
+  interleaved = jnp.stack([even, odd], axis=axis + 1)
+  shape = list(x.shape)
+  shape[axis] = 2 * size
+  return interleaved.reshape(shape)
+
+
+def upsample_double(x: jax.Array) -> jax.Array:
+  """Bilinear resize by 2 (torch, align_corners=False). (N, H, W, C) -> (N, 2H, 2W, C)."""
+  return _upsample_axis(_upsample_axis(x, 1), 2)
+
+
+class Resample(nnx.Module):
+  """Placeholder for PyTorch's nn.Upsample inside a sequential list (by 2 or by 1/2)."""
+
+  def __init__(self, factor: float):
+    self.factor = factor
+
+  def __call__(self, x):
+    return upsample_double(x) if self.factor == 2 else downsample_half(x)
+
+
+class CALayer(nnx.Module):
+  """Channel attention (the 'CA' of a CAB): squeeze by global mean, excite by two 1x1 convs."""
+
+  def __init__(self, channels: int, reduction: int = 16, bias: bool = False, *,
+               dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    squeezed = channels // reduction
+    self.conv_du = nnx.List([
+        conv(channels, squeezed, 1, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        ReLU(),
+        conv(squeezed, channels, 1, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+        Sigmoid(),
+    ])
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    # The mean is accumulated in float32 so bfloat16 compute does not lose the squeeze.
+    weights = x.mean(axis=(1, 2), keepdims=True, dtype=jnp.float32).astype(x.dtype)
+    for layer in self.conv_du:
+      weights = layer(weights)
+    return x * weights.astype(x.dtype)
+
+
+class CAB(nnx.Module):
+  """Channel Attention Block: conv, PReLU, conv, channel attention, plus a residual."""
+
+  def __init__(self, channels: int, kernel_size: int, reduction: int, bias: bool, act: PReLU,
+               *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, remat: bool = False,
+               rngs: nnx.Rngs):
+    # Registered in the official order (attention first), so state dicts list keys alike.
+    self.CA = CALayer(channels, reduction, bias=bias, dtype=dtype, param_dtype=param_dtype,
+                      rngs=rngs)
+    self.body = nnx.List([
+        conv(channels, channels, kernel_size, bias=bias, dtype=dtype, param_dtype=param_dtype,
+             rngs=rngs),
+        act,
+        conv(channels, channels, kernel_size, bias=bias, dtype=dtype, param_dtype=param_dtype,
+             rngs=rngs),
+    ])
+    self.remat = remat
+
+  def forward(self, x: jax.Array) -> jax.Array:
+    residual = x
+    for layer in self.body:
+      x = layer(x)
+    return self.CA(x) + residual
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    if self.remat:
+      # Keep only the block's input for the backward pass and recompute the rest: about a
+      # third more compute for a much smaller activation footprint.
+      return nnx.remat(CAB.forward)(self, x)
+    return self.forward(x)
+
+
+def run_sequence(layers, x):
+  """Applies the entries of an nnx.List in order (PyTorch's nn.Sequential)."""
+  for layer in layers:
+    x = layer(x)
+  return x
+
+
+class SAM(nnx.Module):
+  """Supervised Attention Module: predicts the stage's image and gates its features with it."""
+
+  def __init__(self, channels: int, kernel_size: int, bias: bool, *, out_c: int = 3,
+               dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    kwargs = dict(bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.conv1 = conv(channels, channels, kernel_size, **kwargs)
+    self.conv2 = conv(channels, out_c, kernel_size, **kwargs)
+    self.conv3 = conv(out_c, channels, kernel_size, **kwargs)
+
+  def __call__(self, features: jax.Array, degraded: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """features (N, H, W, C), degraded image (N, H, W, 3) -> (gated features, stage image)."""
+    # The stage image is a residual on the float32 input, kept in float32.
+    image = self.conv2(features).astype(jnp.float32) + degraded.astype(jnp.float32)
+    gate = jax.nn.sigmoid(self.conv3(image))
+    gated = self.conv1(features) * gate + features
+    return gated, image
+
+
+class DownSample(nnx.Module):
+  """Halves the resolution and widens the channels by `extra` (U-Net encoder step)."""
+
+  def __init__(self, channels: int, extra: int, *, dtype: Dtype = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.down = nnx.List([
+        Resample(0.5),
+        conv(channels, channels + extra, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+    ])
+
+  def __call__(self, x):
+    return run_sequence(self.down, x)
+
+
+class UpSample(nnx.Module):
+  """Doubles the resolution and narrows `channels + extra` channels to `channels`."""
+
+  def __init__(self, channels: int, extra: int, *, dtype: Dtype = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+    self.up = nnx.List([
+        Resample(2),
+        conv(channels + extra, channels, 1, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
+    ])
+
+  def __call__(self, x):
+    resample, narrow = self.up
+    # A bias-free 1x1 conv commutes with bilinear resizing (both are linear, one per pixel, one
+    # per channel), so narrowing first gives the official result on a quarter of the pixels.
+    return resample(narrow(x))
+
+
+class SkipUpSample(UpSample):
+  """UpSample followed by adding the encoder's skip connection."""
+
+  def __call__(self, x, skip):
+    return super().__call__(x) + skip
