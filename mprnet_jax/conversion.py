@@ -124,18 +124,19 @@ def load_state_dict(model: MPRNet, state: Mapping[str, np.ndarray],
 
 
 def from_pytorch(path_or_state_dict, *, task: str | None = None, dtype=None,
-                 param_dtype=None) -> MPRNet:
+                 param_dtype=None, source: str | None = None) -> MPRNet:
   """An MPRNet holding the weights of an official PyTorch checkpoint.
 
   Reads `.pth` files (zip or legacy format) without torch and without running code from them;
   accepts a wrapped (`{'state_dict': ...}`) or bare state dict, with or without `module.`.
-  The sizes come from the tensor shapes; `task`, when given, must agree with them.
+  The sizes come from the tensor shapes; `task`, when given, must agree with them. `source`
+  names the weights in error messages.
   """
   if isinstance(path_or_state_dict, (str, os.PathLike)):
-    source = os.fspath(path_or_state_dict)
-    checkpoint = load_pth(source)
+    source = source or os.fspath(path_or_state_dict)
+    checkpoint = load_pth(path_or_state_dict)
   else:
-    source, checkpoint = 'state dict', path_or_state_dict
+    source, checkpoint = source or 'state dict', path_or_state_dict
   state = unwrap_state_dict(checkpoint, source)
   config = infer_config(state, source)
   if task is not None:

@@ -1,0 +1,86 @@
+"""The project's weight file: one `.safetensors` file, loadable without any training state.
+
+Format (documented in the README): the tensors are the official PyTorch `state_dict()` (official
+keys, OIHW conv weights, float32, the shared PReLU under each of its keys), so the same file
+also serves PyTorch users (`safetensors.torch.load_file`); the header's metadata holds
+`format = "mprnet-jax/1"`, `config` (the MPRNet sizes as JSON) and, when known, `task`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from mprnet_jax.conversion import from_pytorch, to_pytorch_state_dict
+from mprnet_jax.model import MPRNet
+from mprnet_jax.torch_format import CheckpointError
+
+FORMAT = 'mprnet-jax/1'
+
+
+def save_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None = None,
+                 overwrite: bool = False) -> Path:
+  """Writes `model`'s weights to `path` (.safetensors); refuses to overwrite unless asked."""
+  from safetensors.numpy import save_file
+
+  path = Path(path)
+  if path.suffix != '.safetensors':
+    raise ValueError(f'{path}: weights are written as .safetensors')
+  if path.exists() and not overwrite:
+    raise FileExistsError(f'{path}: already exists (pass overwrite=True to replace it)')
+  tensors = {k: np.ascontiguousarray(v, dtype=np.float32)
+             for k, v in to_pytorch_state_dict(model).items()}
+  metadata = {'format': FORMAT, 'config': json.dumps(model.config.to_dict())}
+  if task:
+    metadata['task'] = task
+  path.parent.mkdir(parents=True, exist_ok=True)
+  # Write beside the target and rename, so a failure never leaves a half-written file.
+  partial = path.with_name(path.name + '.partial')
+  save_file(tensors, str(partial), metadata=metadata)
+  os.replace(partial, path)
+  return path
+
+
+def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+  """(official state dict, metadata) of a .safetensors file; CheckpointError if unreadable."""
+  from safetensors import SafetensorError, safe_open
+
+  path = Path(path)
+  if not path.is_file():
+    raise CheckpointError(f'{path}: no such file')
+  try:
+    with safe_open(str(path), framework='numpy') as f:
+      metadata = dict(f.metadata() or {})
+      tensors = {k: f.get_tensor(k) for k in f.keys()}
+  except (SafetensorError, OSError, ValueError) as error:
+    first_line = str(error).splitlines()[0] if str(error) else type(error).__name__
+    raise CheckpointError(f'{path}: not a readable safetensors file ({first_line})') from None
+  return tensors, metadata
+
+
+def load_weights(path: str | os.PathLike, *, dtype=None) -> MPRNet:
+  """An MPRNet from a .safetensors weight file (ours, or any with the official keys)."""
+  tensors, metadata = read_weights(path)
+  return from_pytorch(tensors, task=None, dtype=dtype, source=str(path))
+
+
+def weights_task(path: str | os.PathLike) -> str | None:
+  """The task recorded in a weight file's metadata, if any."""
+  return read_weights(path)[1].get('task')
+
+
+def load_model(path: str | os.PathLike, *, dtype=None) -> MPRNet:
+  """An MPRNet from whatever `path` is: our .safetensors, an official .pth, or a training
+  workdir (its best, else latest, checkpoint)."""
+  path = Path(path)
+  if path.is_dir():
+    from mprnet_jax.checkpoints import load_model_from_workdir
+    return load_model_from_workdir(path, dtype=dtype)
+  if not path.exists():
+    raise CheckpointError(f'{path}: no such file or directory')
+  if path.suffix == '.safetensors':
+    return load_weights(path, dtype=dtype)
+  return from_pytorch(path, dtype=dtype)

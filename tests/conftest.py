@@ -1,0 +1,28 @@
+"""Shared test set-up: eight CPU devices (for the parallel tests), a persistent compilation
+cache, and the paths of the reference fixtures."""
+
+import os
+from pathlib import Path
+
+# Must happen before JAX creates its backends.
+os.environ.setdefault('XLA_FLAGS', '--xla_force_host_platform_device_count=8')
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update('jax_num_cpu_devices', 8)
+_CACHE = Path(os.environ.get('MPRNET_TEST_CACHE', Path(__file__).resolve().parents[1] / '.jax_cache'))
+jax.config.update('jax_compilation_cache_dir', str(_CACHE))
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+TESTS = Path(__file__).resolve().parent
+FIXTURES = TESTS / 'fixtures'
+SHARED_FIXTURES = TESTS.parents[1] / 'shared' / 'fixtures'
+
+
+def shared_fixture(name: str) -> Path:
+  """A file of ../shared/fixtures; a missing one fails the test (never skips it)."""
+  path = SHARED_FIXTURES / name
+  if not path.exists():
+    pytest.fail(f'{path} is missing: the large reference fixtures are read from ../shared/fixtures')
+  return path

@@ -1,0 +1,114 @@
+"""The network's structure and geometry: sizes, shapes, resampling, the quarter/half stacking."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from mprnet_jax import MPRNet, count_params
+from mprnet_jax.layers import downsample_half, upsample_double
+from mprnet_jax.model import merge_columns, merge_rows, split_columns, split_rows
+
+TINY = dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2)
+
+
+@pytest.mark.parametrize('task,expected', [
+    ('deblurring', 20_127_073), ('denoising', 15_741_025), ('deraining', 3_637_249)])
+def test_preset_parameter_counts(task, expected):
+  assert count_params(nnx.eval_shape(lambda: MPRNet(task))) == expected
+
+
+def test_tiny_parameter_count():
+  assert count_params(nnx.eval_shape(lambda: MPRNet(**TINY))) == 427_033
+
+
+def test_explicit_sizes_override_preset():
+  model = nnx.eval_shape(lambda: MPRNet('deraining', num_cab=2))
+  assert model.config.n_feat == 40 and model.config.num_cab == 2
+
+
+def test_unknown_task_is_refused():
+  with pytest.raises(ValueError, match='unknown task'):
+    MPRNet('deblur')
+
+
+@pytest.mark.parametrize('shape,nearest', [((1, 30, 64, 3), '32x64'), ((1, 64, 63, 3), '64x64')])
+def test_size_not_multiple_of_8_names_nearest(shape, nearest):
+  model = MPRNet(**TINY)
+  with pytest.raises(ValueError, match=rf'{shape[1]}x{shape[2]}.*nearest valid size is {nearest}'):
+    model(jnp.zeros(shape))
+
+
+def _torch_bilinear(x, out_size):
+  """torch.nn.functional.interpolate(mode='bilinear', align_corners=False) along axis 1 and 2,
+  written from its formula: src = (dst + 0.5) * in / out - 0.5, clamped at 0, linear weights."""
+  def along(a, axis, out):
+    size = a.shape[axis]
+    src = np.maximum((np.arange(out) + 0.5) * size / out - 0.5, 0.0)
+    lo = np.floor(src).astype(int)
+    hi = np.minimum(lo + 1, size - 1)
+    frac = (src - lo).reshape([-1 if d == axis else 1 for d in range(a.ndim)])
+    return np.take(a, lo, axis) * (1 - frac) + np.take(a, hi, axis) * frac
+  return along(along(x, 1, out_size[0]), 2, out_size[1])
+
+
+def test_resampling_matches_torch_bilinear_formula():
+  x = np.random.default_rng(0).normal(size=(2, 8, 12, 5)).astype(np.float32)
+  np.testing.assert_allclose(upsample_double(jnp.asarray(x)), _torch_bilinear(x, (16, 24)),
+                             atol=1e-6)
+  np.testing.assert_allclose(downsample_half(jnp.asarray(x)), _torch_bilinear(x, (4, 6)),
+                             atol=1e-6)
+
+
+def test_quarter_stacking_matches_slicing_and_inverts():
+  x = jnp.arange(2 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 8, 12, 3)
+  halves = split_rows(x)
+  quarters = split_columns(halves)
+  # Order on the batch axis: top-left, top-right, bottom-left, bottom-right (each N images).
+  expected = [x[:, :4, :6], x[:, :4, 6:], x[:, 4:, :6], x[:, 4:, 6:]]
+  chex.assert_trees_all_equal(quarters, jnp.concatenate(expected, axis=0))
+  chex.assert_trees_all_equal(halves, jnp.concatenate([x[:, :4], x[:, 4:]], axis=0))
+  chex.assert_trees_all_equal(merge_columns(quarters), halves)
+  chex.assert_trees_all_equal(merge_rows(halves), x)
+
+
+@pytest.fixture(scope='module')
+def tiny_model():
+  return MPRNet(**TINY, rngs=nnx.Rngs(1))
+
+
+def test_outputs_are_three_float32_images(tiny_model):
+  x = jax.random.uniform(jax.random.key(0), (2, 32, 40, 3))
+  outputs = tiny_model(x)
+  assert len(outputs) == 3
+  for out in outputs:
+    chex.assert_shape(out, x.shape)
+    assert out.dtype == jnp.float32
+
+
+def test_bfloat16_compute_stays_close_and_float32_params(tiny_model):
+  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))
+  _, params = nnx.split(tiny_model, nnx.Param)
+  model16 = MPRNet(**TINY, dtype=jnp.bfloat16)
+  nnx.update(model16, params)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model16, nnx.Param)))
+  full, half = tiny_model(x)[0], model16(x)[0]
+  assert half.dtype == jnp.float32
+  assert float(jnp.abs(full - half).max()) < 0.1 * float(jnp.abs(full).max())
+  assert float(jnp.abs(full - half).max()) > 0  # it really computed in bfloat16
+
+
+def test_remat_changes_nothing_numerically(tiny_model):
+  x = jax.random.uniform(jax.random.key(2), (1, 32, 32, 3))
+  graphdef, params = nnx.split(tiny_model, nnx.Param)
+
+  def loss(params, remat):
+    model = nnx.merge(graphdef, params)
+    model.set_remat(remat)
+    return sum(jnp.mean(o ** 2) for o in model(x))
+
+  plain = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)
+  remat = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)
+  chex.assert_trees_all_close(plain, remat, rtol=1e-5, atol=1e-7)
