@@ -16,7 +16,7 @@ import numpy as np
 
 from mprnet_jax.conversion import from_pytorch, to_pytorch_state_dict
 from mprnet_jax.model import MPRNet
-from mprnet_jax.torch_format import CheckpointError
+from mprnet_jax.torch_format import CheckpointError, save_pth
 
 FORMAT = 'mprnet-jax/1'
 
@@ -84,3 +84,17 @@ def load_model(path: str | os.PathLike, *, dtype=None) -> MPRNet:
   if path.suffix == '.safetensors':
     return load_weights(path, dtype=dtype)
   return from_pytorch(path, dtype=dtype)
+
+
+def export_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None = None,
+                   overwrite: bool = False) -> Path:
+  """Writes `model` for PyTorch users: `.pth` as `{'state_dict': official state dict}` (what
+  the official code's loader reads; written without torch), or `.safetensors` (our format)."""
+  path = Path(path)
+  if path.suffix == '.safetensors':
+    return save_weights(model, path, task=task, overwrite=overwrite)
+  if path.suffix not in ('.pth', '.pt'):
+    raise ValueError(f'{path}: export writes .pth, .pt or .safetensors')
+  path.parent.mkdir(parents=True, exist_ok=True)
+  save_pth({'state_dict': to_pytorch_state_dict(model)}, path, overwrite=overwrite)
+  return path

@@ -1,0 +1,152 @@
+"""A benchmark harness for MPRNet training steps and inference (`mprnet benchmark`).
+
+Warms up, then times steps one by one with the device synchronised (`block_until_ready`) and
+reports the median step time, images/s, peak device memory, the time of the first call
+(compilation included; with `cache_dir`, a second process shows the persistent-cache time) and
+the achieved TFLOP/s against the model's counted FLOPs (XLA's count of the forward pass; a
+training step counted as three forwards: forward, and backward at twice the forward).
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from mprnet_jax.model import MPRNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+SMOKE_SIZES = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
+
+
+def _parse_size(size) -> tuple[int, int]:
+  text = str(size).lower()
+  height, _, width = text.partition('x')
+  h, w = int(height), int(width or height)
+  if h <= 0 or w <= 0 or h % 8 or w % 8:
+    raise ValueError(f'size must be N or HxW with multiples of 8, got {size!r}')
+  return h, w
+
+
+def benchmark_config(task: str, batch: int, dtype: str, remat: bool) -> ml_collections.ConfigDict:
+  """The official training recipe's optimiser and loss for `task`, as a step config."""
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.batch_size = batch
+  config.num_epochs = 3000
+  config.mixup_start_epoch = None
+  config.max_nonfinite = 5
+  config.optim = dict(name='adam', lr=2e-4, b1=0.9, b2=0.999, eps=1e-8,
+                      weight_decay=1e-8 if task == 'denoising' else 0.0, min_lr=1e-6,
+                      warmup_epochs=3, cosine_extra_epochs=40 if task == 'denoising' else 0,
+                      schedule_unit='epoch')
+  config.model = dict(dtype=dtype, remat=remat)
+  return config
+
+
+def _forward_flops(model: MPRNet, shape) -> float | None:
+  """XLA's FLOP count of one forward pass of `model` on inputs of `shape` (no compilation)."""
+  graphdef, params = nnx.split(model)
+  forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))
+  try:
+    analysis = forward.lower(params, jax.ShapeDtypeStruct(shape, jnp.float32)).cost_analysis()
+  except Exception:  # not every backend and version offers a cost analysis
+    return None
+  if isinstance(analysis, (list, tuple)):
+    analysis = analysis[0] if analysis else None
+  return float(analysis['flops']) if analysis and 'flops' in analysis else None
+
+
+def _time_calls(call, steps: int, warmup: int) -> tuple[float, list[float]]:
+  start = time.perf_counter()
+  jax.block_until_ready(call())
+  first = time.perf_counter() - start
+  for _ in range(warmup):
+    jax.block_until_ready(call())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(call())
+    times.append(time.perf_counter() - start)
+  return first, times
+
+
+def _peak_memory_gib() -> float | None:
+  stats = jax.devices()[0].memory_stats() or {}
+  peak = stats.get('peak_bytes_in_use')
+  return None if peak is None else peak / 2**30
+
+
+def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str = 'bfloat16',
+                  batch: int = 16, size='256', remat: bool = False, steps: int = 20,
+                  warmup: int = 3, smoke: bool = False, cache_dir: str | None = None) -> dict:
+  """Times `mode` ('train' or 'inference') and returns the measurements as a dict, with a
+  one-line human summary under 'summary'."""
+  if mode not in ('train', 'inference'):
+    raise ValueError(f'mode must be train or inference, got {mode!r}')
+  if dtype not in DTYPES:
+    raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+  if batch < 1 or steps < 1 or warmup < 0:
+    raise ValueError('batch and steps must be >= 1 and warmup >= 0')
+  if cache_dir:
+    jax.config.update('jax_compilation_cache_dir', cache_dir)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
+  if smoke:
+    size, batch, steps, warmup = min(_parse_size(size)[0], 32), min(batch, 2), min(steps, 2), 1
+  height, width = _parse_size(size)
+  sizes = SMOKE_SIZES if smoke else {}
+  model = MPRNet(task, **sizes, dtype=DTYPES[dtype], remat=remat, rngs=nnx.Rngs(0))
+  shape = (batch, height, width, 3)
+  keys = jax.random.split(jax.random.key(0), 2)
+  inputs = jax.random.uniform(keys[0], shape, jnp.float32)
+  forward_flops = _forward_flops(model, shape)
+
+  if mode == 'train':
+    from mprnet_jax.train_step import create_train_state, make_train_step
+
+    config = benchmark_config(task, batch, dtype, remat)
+    graphdef, state = create_train_state(model, config, steps_per_epoch=1000, seed=0)
+    step = make_train_step(graphdef, config, steps_per_epoch=1000, parallel='none')
+    batch_arrays = {'input': inputs, 'target': jax.random.uniform(keys[1], shape, jnp.float32)}
+    holder = {'state': state}
+
+    def call():
+      holder['state'], metrics = step(holder['state'], batch_arrays, keys[1])
+      return metrics['loss']
+
+    step_flops = None if forward_flops is None else 3 * forward_flops
+  else:
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+
+    def call():
+      return forward(params, inputs)
+
+    step_flops = forward_flops
+
+  first, times = _time_calls(call, steps, warmup)
+  median = statistics.median(times)
+  result = {
+      'mode': mode, 'task': task, 'dtype': dtype, 'batch': batch, 'size': f'{height}x{width}',
+      'remat': remat, 'smoke': smoke, 'device': jax.devices()[0].device_kind,
+      'platform': jax.default_backend(), 'jax': jax.__version__,
+      'flax': __import__('flax').__version__, 'python': platform.python_version(),
+      'first_call_s': round(first, 3), 'median_step_ms': round(1e3 * median, 3),
+      'images_per_s': round(batch / median, 2), 'peak_memory_gib': _peak_memory_gib(),
+      'model_tflop_per_step': None if step_flops is None else round(step_flops / 1e12, 4),
+      'achieved_tflops': None if step_flops is None else round(step_flops / median / 1e12, 2),
+      'steps_timed': steps,
+  }
+  memory = result['peak_memory_gib']
+  result['summary'] = (
+      f'{mode} {task} {dtype} batch {batch} {height}x{width}{" remat" if remat else ""} on '
+      f'{result["device"]}: {result["median_step_ms"]:.1f} ms/step (median of {steps}), '
+      f'{result["images_per_s"]:.1f} images/s, first call {first:.1f} s, peak memory '
+      f'{"n/a" if memory is None else f"{memory:.1f} GiB"}, '
+      f'{result["achieved_tflops"] or "n/a"} TFLOP/s achieved')
+  return result

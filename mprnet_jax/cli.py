@@ -1,0 +1,195 @@
+"""The `mprnet` command line: convert, train, restore, evaluate, export, benchmark.
+
+Each subcommand parses its arguments and calls the library; no math here. Bad input ends with a
+one-line `mprnet <command>: error: ...` on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+# Errors that mean "the user's input is wrong", reported in one line. Anything else is a bug
+# and keeps its traceback.
+USER_ERRORS = (ValueError, OSError, MemoryError, FloatingPointError, KeyError)
+
+
+def _convert(args) -> None:
+  import jax
+
+  from mprnet_jax.conversion import from_pytorch
+  from mprnet_jax.model import count_params
+  from mprnet_jax.weights import save_weights
+
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
+  model = from_pytorch(args.checkpoint, task=args.task)
+  sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
+  print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
+  if args.reference:
+    ref = np.load(args.reference)
+    inputs = np.asarray(ref['input']).transpose(0, 2, 3, 1)
+    outputs = jax.jit(lambda m, x: m(x))(model, inputs)
+    for out_array, stage in zip(outputs, ['stage3', 'stage2', 'stage1']):
+      key = f'{stage}_f64' if f'{stage}_f64' in ref else stage
+      expected = ref[key]
+      diff = np.abs(np.asarray(out_array).transpose(0, 3, 1, 2) - expected).max()
+      print(f'  {stage}: largest |difference| {diff:.3g} against {key} '
+            f'(reference values up to {np.abs(expected).max():.3g})')
+  save_weights(model, out, task=args.task, overwrite=args.overwrite)
+  print(f'wrote {out}')
+
+
+def _train(args, overrides: list[str]) -> None:
+  from mprnet_jax.config_loading import load_config
+  from mprnet_jax.trainer import train
+
+  default = Path(__file__).resolve().parents[1] / 'experiments' / 'default.py'
+  config = load_config(args.config or default, overrides)
+  result = train(config, args.workdir)
+  print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
+
+
+def _restorer(args):
+  from mprnet_jax.inference import Restorer
+  return Restorer(args.weights, dtype=args.dtype, tile=args.tile, overlap=args.overlap,
+                  bucket=args.bucket, ensemble=args.ensemble)
+
+
+def _restore(args) -> None:
+  from mprnet_jax.inference import collect_inputs, restore_files
+
+  collect_inputs(args.inputs)  # fail on a missing input before loading any weights
+  written = restore_files(_restorer(args), args.inputs, args.output,
+                          suffix=f'.{args.format}' if args.format else None)
+  print(f'restored {len(written)} image(s) into {args.output}')
+
+
+def _evaluate(args) -> None:
+  from mprnet_jax.data import PairedFolderSource
+  from mprnet_jax.inference import evaluate_folder
+
+  PairedFolderSource(args.data)  # check the folder before loading any weights
+  csv_path = args.csv or Path(args.data) / 'mprnet_metrics.csv'
+  summary = evaluate_folder(_restorer(args), args.data, csv_path=csv_path)
+  print(f'{summary["images"]} images: PSNR {summary["psnr"]:.4f} dB, SSIM {summary["ssim"]:.4f} '
+        f'(RGB, [0,1]; per image in {csv_path})')
+
+
+def _export(args) -> None:
+  from mprnet_jax.weights import export_weights, load_model
+
+  path = export_weights(load_model(args.weights), args.out, task=args.task,
+                        overwrite=args.overwrite)
+  print(f'wrote {path}')
+
+
+def _benchmark(args) -> None:
+  from mprnet_jax.benchmark import run_benchmark
+
+  result = run_benchmark(mode=args.mode, task=args.task, dtype=args.dtype,
+                         batch=args.batch, size=args.size, remat=args.remat, steps=args.steps,
+                         warmup=args.warmup, smoke=args.smoke, cache_dir=args.cache_dir)
+  print(json.dumps(result) if args.json else result['summary'])
+
+
+def _add_inference_options(parser) -> None:
+  parser.add_argument('--weights', required=True,
+                      help='our .safetensors, an official .pth, or a training workdir')
+  parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
+  parser.add_argument('--tile', type=int, default=None,
+                      help='restore in tiles of this size (multiple of 8); default: whole '
+                           'image, tiling automatically when it does not fit in device memory')
+  parser.add_argument('--overlap', type=int, default=64, help='tile overlap in pixels')
+  parser.add_argument('--bucket', type=int, default=8,
+                      help='pad sizes to a multiple of this (8 = the official padding; larger '
+                           'values compile fewer shapes for folders of mixed sizes)')
+  parser.add_argument('--ensemble', action='store_true',
+                      help='average the 8 flips/rotations (geometric self-ensemble)')
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog='mprnet', description=__doc__.splitlines()[0])
+  commands = parser.add_subparsers(dest='command', required=True)
+
+  p = commands.add_parser('convert', help='convert an official PyTorch checkpoint')
+  p.add_argument('checkpoint', help='official .pth (zip or legacy format; read without torch)')
+  p.add_argument('out', help='output weights, .safetensors')
+  p.add_argument('--task', choices=['deblurring', 'denoising', 'deraining'],
+                 help='check the sizes against this task and record it')
+  p.add_argument('--reference', help='reference outputs .npz (fixtures format, e.g. from '
+                                     'convert/dump_reference.py) to compare against')
+  p.add_argument('--overwrite', action='store_true')
+
+  p = commands.add_parser('train', help='train (no --config: the built-in demo)')
+  p.add_argument('--config', help='experiment file, e.g. experiments/deblur_gopro.py')
+  p.add_argument('--workdir', required=True, help='checkpoints and logs; resumes if present')
+
+  p = commands.add_parser('restore', help='restore image files or folders')
+  p.add_argument('inputs', nargs='+', help='image files and/or folders')
+  p.add_argument('--output', required=True, help='output folder (never an input)')
+  p.add_argument('--format', choices=['png', 'jpg', 'tif'], help='output format (default: same)')
+  _add_inference_options(p)
+  # Folders of mixed sizes: 64-pixel buckets compile far fewer shapes than the exact padding.
+  p.set_defaults(bucket=64)
+
+  p = commands.add_parser('evaluate', help='PSNR/SSIM on a paired folder (input/, target/)')
+  p.add_argument('--data', required=True, help='folder with input/ and target/')
+  p.add_argument('--csv', help='per-image CSV (default: DATA/mprnet_metrics.csv)')
+  _add_inference_options(p)
+
+  p = commands.add_parser('export', help='write weights for PyTorch (.pth) or .safetensors')
+  p.add_argument('weights', help='our .safetensors, an official .pth, or a training workdir')
+  p.add_argument('out', help='OUT.pth (official {"state_dict": ...}) or OUT.safetensors')
+  p.add_argument('--task', choices=['deblurring', 'denoising', 'deraining'])
+  p.add_argument('--overwrite', action='store_true')
+
+  p = commands.add_parser('benchmark', help='time a training step or inference')
+  p.add_argument('--mode', choices=['train', 'inference'], default='train')
+  p.add_argument('--task', default='deblurring', choices=['deblurring', 'denoising', 'deraining'])
+  p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
+  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--size', default='256', help='crop size: N or HxW (inference e.g. 720x1280)')
+  p.add_argument('--remat', action='store_true', help='recompute each CAB in the backward pass')
+  p.add_argument('--steps', type=int, default=20, help='timed steps')
+  p.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
+  p.add_argument('--smoke', action='store_true', help='tiny model, CPU-sized: checks the harness')
+  p.add_argument('--cache-dir', help='persistent compilation cache folder')
+  p.add_argument('--json', action='store_true', help='print the result as JSON')
+  return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = build_parser()
+  argv = sys.argv[1:] if argv is None else argv
+  args, extra = parser.parse_known_args(argv)
+  overrides = [a[len('--config.'):] for a in extra if a.startswith('--config.')]
+  unknown = [a for a in extra if not a.startswith('--config.')]
+  if unknown or (overrides and args.command != 'train'):
+    parser.error(f'unrecognised arguments: {" ".join(unknown or extra)}')
+  handlers = {'convert': _convert, 'restore': _restore, 'evaluate': _evaluate,
+              'export': _export, 'benchmark': _benchmark}
+  warnings.simplefilter('default')
+  try:
+    if args.command == 'train':
+      _train(args, overrides)
+    else:
+      handlers[args.command](args)
+  except USER_ERRORS as error:
+    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    print(f'mprnet {args.command}: error: {message}', file=sys.stderr)
+    return 2
+  except KeyboardInterrupt:
+    print(f'mprnet {args.command}: interrupted', file=sys.stderr)
+    return 130
+  return 0
+
+
+if __name__ == '__main__':
+  sys.exit(main())

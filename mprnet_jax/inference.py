@@ -1,0 +1,199 @@
+"""Restoring images with a trained MPRNet: the `Restorer` API, self-ensembling, and the folder
+loops behind `mprnet restore` and `mprnet evaluate`."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+from collections.abc import Iterable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from mprnet_jax import metrics, tiling
+from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
+from mprnet_jax.model import MPRNet
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+# Tile sizes tried, largest first, when a whole image does not fit in device memory.
+FALLBACK_TILES = (1024, 512, 256)
+
+
+def _is_out_of_memory(error: Exception) -> bool:
+  return 'RESOURCE_EXHAUSTED' in str(error) or 'out of memory' in str(error).lower()
+
+
+def _geometric(x: jax.Array, mode: int) -> jax.Array:
+  """One of the 8 flips/rotations of (N, H, W, C) images (mode 4+ adds a vertical flip)."""
+  x = jnp.flip(x, axis=1) if mode >= 4 else x
+  return jnp.rot90(x, k=mode % 4, axes=(1, 2))
+
+
+def _inverse_geometric(x: jax.Array, mode: int) -> jax.Array:
+  x = jnp.rot90(x, k=-(mode % 4), axes=(1, 2))
+  return jnp.flip(x, axis=1) if mode >= 4 else x
+
+
+class Restorer:
+  """Restores images with an MPRNet.
+
+  `Restorer(weights)` takes our .safetensors weights, an official .pth, a training workdir, or
+  an MPRNet. Calling it on an (H, W, 3) image (uint8, uint16, or float in [0, 1]; any H and W)
+  returns the restored image with the same dtype and size.
+
+  Args:
+    dtype: 'float32' or 'bfloat16' compute.
+    tile, overlap: restore in overlapping tiles of `tile` pixels (None: whole image, falling
+      back to tiles automatically when the device runs out of memory).
+    bucket: images are reflect-padded at the bottom/right to a multiple of `bucket` (a multiple
+      of 8) so that images of similar sizes share one compiled function. 8 is exactly the
+      official demo's padding; larger buckets compile less often and change the output only
+      near the bottom/right border.
+    ensemble: average the 8 flips/rotations (geometric self-ensemble).
+  """
+
+  def __init__(self, weights, *, dtype: str = 'float32', tile: int | None = None,
+               overlap: int = 64, bucket: int = 8, ensemble: bool = False):
+    if dtype not in DTYPES:
+      raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+    if bucket <= 0 or bucket % 8:
+      raise ValueError(f'bucket must be a positive multiple of 8, got {bucket}')
+    if isinstance(weights, MPRNet):
+      model = weights
+    else:
+      from mprnet_jax.weights import load_model
+      model = load_model(weights, dtype=DTYPES[dtype])
+    if DTYPES[dtype] != jnp.float32 and model.dtype != DTYPES[dtype]:
+      rebuilt = nnx.eval_shape(lambda: MPRNet(**model.config.to_dict(), dtype=DTYPES[dtype]))
+      nnx.update(rebuilt, nnx.state(model, nnx.Param))
+      model = rebuilt
+    self.model, self.tile, self.overlap, self.bucket = model, tile, overlap, bucket
+    self.ensemble = ensemble
+    graphdef, params = nnx.split(model)
+    self._params = params
+
+    @jax.jit
+    def apply(params, x):
+      outputs = nnx.merge(graphdef, params)(x)
+      return jnp.clip(outputs[0], 0.0, 1.0)
+
+    self._apply = apply
+
+  def apply_batch(self, x: jax.Array) -> jax.Array:
+    """The network's final output, clipped to [0, 1], for (N, H, W, 3) with H, W multiples of 8;
+    with `ensemble`, the mean over the 8 flips/rotations."""
+    if not self.ensemble:
+      return self._apply(self._params, x)
+    total = sum(_inverse_geometric(self._apply(self._params, _geometric(x, mode)), mode)
+                for mode in range(8))
+    return total / 8.0
+
+  def restore_float(self, image: np.ndarray) -> np.ndarray:
+    """(H, W, 3) float32 in [0, 1] -> restored (H, W, 3) float32 in [0, 1]."""
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f'expected an (H, W, 3) image, got shape {image.shape}')
+    if self.tile:
+      return tiling.restore_tiled(self.apply_batch, image, self.tile, self.overlap, self.bucket)
+    try:
+      return tiling.restore_full(self.apply_batch, image, self.bucket)
+    except Exception as error:  # XLA reports running out of memory as a runtime error
+      if not _is_out_of_memory(error):
+        raise
+    for tile in FALLBACK_TILES:
+      if tile >= max(image.shape[:2]):
+        continue
+      warnings.warn(f'image of {image.shape[0]}x{image.shape[1]} does not fit in device memory; '
+                    f'restoring in {tile}-pixel tiles', stacklevel=2)
+      try:
+        return tiling.restore_tiled(self.apply_batch, image, tile, min(self.overlap, tile // 4),
+                                    self.bucket, batch_tiles=1)
+      except Exception as error:
+        if not _is_out_of_memory(error):
+          raise
+    raise MemoryError(f'image of {image.shape[0]}x{image.shape[1]} does not fit in device memory '
+                      f'even in {FALLBACK_TILES[-1]}-pixel tiles')
+
+  def __call__(self, image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if np.issubdtype(image.dtype, np.integer):
+      peak = np.iinfo(image.dtype).max
+      restored = self.restore_float(image.astype(np.float32) / peak)
+      return np.round(restored * peak).astype(image.dtype)
+    return self.restore_float(image.astype(np.float32))
+
+
+def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+  """The image files named by `inputs` (files, or folders whose images are taken, sorted)."""
+  files: list[Path] = []
+  for item in map(Path, inputs):
+    if item.is_dir():
+      files.extend(list_images(item))
+    elif item.is_file():
+      files.append(item)
+    else:
+      raise ImageError(f'{item}: no such file or folder')
+  if not files:
+    raise ImageError('no input images given')
+  return files
+
+
+def restore_files(restorer: Restorer, inputs: Iterable[str | os.PathLike],
+                  output_dir: str | os.PathLike, *, suffix: str | None = None,
+                  progress: bool = True) -> list[Path]:
+  """Restores every image of `inputs` into `output_dir` (same name; same format unless
+  `suffix`); never writes over an input. Returns the written paths."""
+  files = collect_inputs(inputs)
+  output_dir = Path(output_dir)
+  if output_dir.exists() and not output_dir.is_dir():
+    raise NotADirectoryError(f'{output_dir}: output folder is a file')
+  targets = [output_dir / (f.stem + (suffix or f.suffix)) for f in files]
+  resolved_inputs = {f.resolve() for f in files}
+  for target in targets:
+    if target.resolve() in resolved_inputs:
+      raise FileExistsError(f'{target}: would overwrite an input; choose another --output')
+  if len(set(targets)) != len(targets):
+    raise ValueError('two inputs share a file name; restore them into separate folders')
+  output_dir.mkdir(parents=True, exist_ok=True)
+  for source, target in tqdm(list(zip(files, targets)), desc='restore', unit='img',
+                             disable=not progress):
+    image, info = read_image(source)
+    write_image(target, restorer.restore_float(image), info)
+  return targets
+
+
+def evaluate_folder(restorer: Restorer, data_dir: str | os.PathLike, *,
+                    csv_path: str | os.PathLike | None = None,
+                    progress: bool = True) -> dict[str, float | list]:
+  """PSNR and SSIM (RGB, [0, 1]; see metrics.py) of the restorations of a paired folder
+  (`input/`, `target/`). Writes a CSV (one row per image, then the means) when asked."""
+  from mprnet_jax.data import PairedFolderSource
+
+  source = PairedFolderSource(data_dir)
+  psnr_fn, ssim_fn = jax.jit(metrics.psnr), jax.jit(metrics.ssim)
+  rows = []
+  for index in tqdm(range(len(source)), desc='evaluate', unit='img', disable=not progress):
+    pair = source[index]
+    restored = restorer.restore_float(pair['input'].astype(np.float32) / 255.0)
+    # Score the 8-bit image that would be saved, as the official evaluation scripts do.
+    restored = np.round(restored * 255.0) / 255.0
+    target = pair['target'].astype(np.float32) / 255.0
+    rows.append({'name': pair['name'], 'psnr': float(psnr_fn(restored, target)),
+                 'ssim': float(ssim_fn(restored, target))})
+  summary = {'images': len(rows), 'psnr': float(np.mean([r['psnr'] for r in rows])),
+             'ssim': float(np.mean([r['ssim'] for r in rows])), 'rows': rows}
+  if csv_path is not None:
+    csv_path = Path(csv_path)
+    csv_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(csv_path, 'w', newline='') as f:
+      writer = csv.DictWriter(f, fieldnames=['name', 'psnr', 'ssim'])
+      writer.writeheader()
+      writer.writerows({k: (f'{v:.6f}' if k != 'name' else v) for k, v in r.items()} for r in rows)
+      writer.writerow({'name': 'mean', 'psnr': f'{summary["psnr"]:.6f}',
+                       'ssim': f'{summary["ssim"]:.6f}'})
+  return summary
+
