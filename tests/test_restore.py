@@ -1,0 +1,151 @@
+"""Restoring and evaluating real photographs, exporting weights, and the command line's
+answers to bad input."""
+
+import numpy as np
+import pytest
+import skimage.data
+from PIL import Image
+
+from conftest import FIXTURES
+from mprnet_jax import from_pytorch, to_pytorch_state_dict
+from mprnet_jax.cli import main
+from mprnet_jax.image_io import read_image, write_image
+from mprnet_jax.inference import Restorer
+from mprnet_jax.metrics import psnr
+
+TINY = FIXTURES / 'tiny.pth'
+
+
+@pytest.fixture(scope='module')
+def restorer():
+  return Restorer(TINY)
+
+
+@pytest.fixture(scope='module')
+def photo():
+  # A real photograph at an odd size (not a multiple of 8 either way).
+  return skimage.data.astronaut()[101:304, 57:374]
+
+
+def test_odd_sized_photo_comes_back_at_its_size_and_dtype(restorer, photo):
+  restored = restorer(photo)
+  assert restored.shape == photo.shape and restored.dtype == np.uint8
+  sixteen = restorer(photo.astype(np.uint16) * 257)
+  assert sixteen.dtype == np.uint16 and sixteen.shape == photo.shape
+
+
+def test_whole_image_tile_equals_untiled_exactly(restorer, photo):
+  image = photo.astype(np.float32) / 255
+  untiled = restorer.restore_float(image)
+  whole = Restorer(restorer.model, tile=320, overlap=32).restore_float(image)
+  assert np.array_equal(untiled, whole)
+
+
+def test_small_tiles_stay_close_to_untiled(restorer, photo):
+  image = photo.astype(np.float32) / 255
+  untiled = restorer.restore_float(image)
+  tiled = Restorer(restorer.model, tile=96, overlap=48).restore_float(image)
+  # Measured 33.4 dB on this random-weight model (its receptive field spans the whole tile);
+  # the README states the figure.
+  assert float(psnr(tiled, untiled)) > 30.0
+  assert not np.array_equal(tiled, untiled)
+
+
+def test_ensemble_of_identity_like_averages_eight_views(photo):
+  model = from_pytorch(TINY)
+  image = photo[:64, :64].astype(np.float32) / 255
+  plain = Restorer(model).restore_float(image)
+  ensembled = Restorer(model, ensemble=True).restore_float(image)
+  assert ensembled.shape == plain.shape and not np.array_equal(plain, ensembled)
+
+
+def _write_pairs(root, photo, restorer_fn=None):
+  (root / 'input').mkdir(parents=True)
+  (root / 'target').mkdir()
+  rng = np.random.default_rng(0)
+  for i, crop in enumerate([photo[:72, :96], photo[40:120, 100:180]]):
+    noisy = np.clip(crop + rng.normal(0, 20, crop.shape), 0, 255).astype(np.uint8)
+    Image.fromarray(noisy).save(root / 'input' / f'{i}.png')
+    Image.fromarray(crop).save(root / 'target' / f'{i}.png')
+
+
+def test_cli_convert_with_reference(tmp_path, capsys):
+  out = tmp_path / 'tiny.safetensors'
+  assert main(['convert', str(TINY), str(out), '--reference',
+               str(FIXTURES / 'tiny_outputs.npz')]) == 0
+  printed = capsys.readouterr().out
+  assert '427,033 parameters' in printed and 'stage3: largest |difference|' in printed
+  assert out.exists()
+  assert main(['convert', str(TINY), str(out)]) == 2          # refuses to overwrite
+  assert 'already exists' in capsys.readouterr().err
+
+
+def test_cli_restore_folder_keeps_depth_and_never_overwrites(tmp_path, photo, capsys):
+  folder = tmp_path / 'in'
+  folder.mkdir()
+  write_image(folder / 'a.png', photo[:50, :70] / 255.0)
+  Image.fromarray((photo[:40, :40, 0].astype(np.uint16) * 257)).save(folder / 'gray16.png')
+  out = tmp_path / 'out'
+  with pytest.warns(UserWarning, match='grayscale'):
+    assert main(['restore', '--weights', str(TINY), str(folder), '--output', str(out)]) == 0
+  restored, info = read_image(out / 'a.png')
+  assert restored.shape == (50, 70, 3) and info.bit_depth == 8
+  with pytest.warns(UserWarning):
+    _, info16 = read_image(out / 'gray16.png')
+  assert info16.bit_depth == 16 and info16.mode == 'gray'
+  assert main(['restore', '--weights', str(TINY), str(folder), '--output', str(folder)]) == 2
+  assert 'would overwrite an input' in capsys.readouterr().err
+
+
+def test_cli_evaluate_writes_csv(tmp_path, photo, capsys):
+  _write_pairs(tmp_path / 'pairs', photo)
+  csv_path = tmp_path / 'metrics.csv'
+  assert main(['evaluate', '--weights', str(TINY), '--data', str(tmp_path / 'pairs'),
+               '--csv', str(csv_path)]) == 0
+  assert '2 images: PSNR' in capsys.readouterr().out
+  lines = csv_path.read_text().splitlines()
+  assert lines[0] == 'name,psnr,ssim' and lines[-1].startswith('mean,') and len(lines) == 4
+
+
+@pytest.mark.parametrize('suffix', ['.pth', '.safetensors'])
+def test_export_round_trips_bit_for_bit(tmp_path, suffix):
+  out = tmp_path / f'exported{suffix}'
+  assert main(['export', str(TINY), str(out)]) == 0
+  original = to_pytorch_state_dict(from_pytorch(TINY))
+  from mprnet_jax.weights import load_model
+  back = to_pytorch_state_dict(load_model(out))
+  assert set(back) == set(original)
+  assert all(np.array_equal(back[k], original[k]) for k in original)
+  if suffix == '.pth':
+    from mprnet_jax.torch_format import load_pth
+    assert set(load_pth(out)) == {'state_dict'}
+
+
+def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
+  not_image = tmp_path / 'notes.png'
+  not_image.write_text('hello')
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  a_file = tmp_path / 'file'
+  a_file.write_text('x')
+  foreign = tmp_path / 'foreign.safetensors'
+  from safetensors.numpy import save_file
+  save_file({'conv.weight': np.zeros((2, 2), np.float32)}, str(foreign))
+  Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'ok.png')
+  cases = [
+      (['restore', '--weights', str(TINY), str(not_image), '--output', str(tmp_path / 'o1')],
+       'notes.png'),
+      (['restore', '--weights', str(TINY), str(empty), '--output', str(tmp_path / 'o2')],
+       'empty'),
+      (['restore', '--weights', str(TINY), str(tmp_path / 'ok.png'), '--output', str(a_file)],
+       'output folder is a file'),
+      (['restore', '--weights', str(foreign), str(tmp_path / 'ok.png'), '--output',
+        str(tmp_path / 'o3')], 'not an MPRNet state dict'),
+      (['evaluate', '--weights', str(TINY), '--data', str(empty)], 'input'),
+      (['convert', str(not_image), str(tmp_path / 'x.safetensors')], 'notes.png'),
+  ]
+  for argv, expected in cases:
+    assert main(argv) == 2, argv
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith('mprnet ')]
+    assert len(errors) == 1 and expected in errors[0] and 'Traceback' not in err, (argv, err)
