@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from mprnet_jax.layers import CAB, PReLU, SAM, conv, run_sequence
+from mprnet_jax.layers import CAB, PReLU, SAM, conv, normalize_remat, run_sequence
 from mprnet_jax.orsnet import ORSNet
 from mprnet_jax.unet import Decoder, Encoder
 
@@ -102,8 +102,9 @@ class MPRNet(nnx.Module):
   `[final, stage2, stage1]`, each (N, H, W, 3) float32: the official output order.
 
   Build it from a task preset (`MPRNet('deraining')`) or explicit sizes; `dtype` is the compute
-  dtype (e.g. jnp.bfloat16), `param_dtype` that of the parameters, `remat` recomputes each CAB
-  in the backward pass to save memory.
+  dtype (e.g. jnp.bfloat16), `param_dtype` that of the parameters, `remat` recomputes parts of
+  each CAB in the backward pass to save memory ('convs': the elementwise work, True/'full':
+  everything but the block's input).
   """
 
   def __init__(self, task: str | None = None, *, n_feat: int | None = None,
@@ -111,7 +112,7 @@ class MPRNet(nnx.Module):
                num_cab: int | None = None, kernel_size: int | None = None,
                reduction: int | None = None, bias: bool | None = None, in_c: int | None = None,
                out_c: int | None = None, dtype: Any = None, param_dtype: Any = jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs | None = None):
+               remat: bool | str = False, rngs: nnx.Rngs | None = None):
     cfg = resolve_config(task, n_feat=n_feat, scale_unetfeats=scale_unetfeats,
                          scale_orsnetfeats=scale_orsnetfeats, num_cab=num_cab,
                          kernel_size=kernel_size, reduction=reduction, bias=bias, in_c=in_c,
@@ -143,11 +144,12 @@ class MPRNet(nnx.Module):
     self.concat23 = conv(2 * n, n + cfg.scale_orsnetfeats, k, bias=b, **kwargs)
     self.tail = conv(n + cfg.scale_orsnetfeats, cfg.out_c, k, bias=b, **kwargs)
 
-  def set_remat(self, enabled: bool) -> None:
-    """Turns per-CAB rematerialisation on or off for every CAB of the network."""
+  def set_remat(self, remat: bool | str) -> None:
+    """Sets the rematerialisation of every CAB: False/'none', 'convs' or True/'full'."""
+    mode = normalize_remat(remat)
     for _, module in nnx.iter_graph(self):
       if isinstance(module, CAB):
-        module.remat = enabled
+        module.remat = mode
 
   def __call__(self, x: jax.Array) -> list[jax.Array]:
     check_input_shape(x.shape)

@@ -17,7 +17,7 @@ class ORB(nnx.Module):
   """Original Resolution Block: `num_cab` CABs and a conv, with a residual over all of them."""
 
   def __init__(self, channels: int, kernel_size: int, reduction: int, act: PReLU, bias: bool,
-               num_cab: int, *, dtype=None, param_dtype=jnp.float32, remat: bool = False,
+               num_cab: int, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
                rngs: nnx.Rngs):
     cabs = [CAB(channels, kernel_size, reduction, bias, act, dtype=dtype,
                 param_dtype=param_dtype, remat=remat, rngs=rngs) for _ in range(num_cab)]
@@ -35,7 +35,7 @@ class ORSNet(nnx.Module):
 
   def __init__(self, n_feat: int, scale_orsnetfeats: int, kernel_size: int, reduction: int,
                act: PReLU, bias: bool, scale_unetfeats: int, num_cab: int, *, dtype=None,
-               param_dtype=jnp.float32, remat: bool = False, rngs: nnx.Rngs):
+               param_dtype=jnp.float32, remat: bool | str = False, rngs: nnx.Rngs):
     width = n_feat + scale_orsnetfeats
     orb_kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     self.orb1 = ORB(width, kernel_size, reduction, act, bias, num_cab, **orb_kwargs)

@@ -24,7 +24,7 @@ class Encoder(nnx.Module):
 
   def __init__(self, n_feat: int, kernel_size: int, reduction: int, act: PReLU, bias: bool,
                scale_unetfeats: int, csff: bool, *, dtype=None, param_dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, rngs: nnx.Rngs):
     widths = [n_feat + i * scale_unetfeats for i in range(3)]
     cab_kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     self.encoder_level1 = _cab_pair(widths[0], kernel_size, reduction, bias, act, **cab_kwargs)
@@ -63,7 +63,7 @@ class Decoder(nnx.Module):
 
   def __init__(self, n_feat: int, kernel_size: int, reduction: int, act: PReLU, bias: bool,
                scale_unetfeats: int, *, dtype=None, param_dtype=jnp.float32,
-               remat: bool = False, rngs: nnx.Rngs):
+               remat: bool | str = False, rngs: nnx.Rngs):
     widths = [n_feat + i * scale_unetfeats for i in range(3)]
     cab_kwargs = dict(dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
     self.decoder_level1 = _cab_pair(widths[0], kernel_size, reduction, bias, act, **cab_kwargs)

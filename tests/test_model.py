@@ -101,6 +101,8 @@ def test_bfloat16_compute_stays_close_and_float32_params(tiny_model):
 
 
 def test_remat_changes_nothing_numerically(tiny_model):
+  with pytest.raises(ValueError, match='remat must be'):
+    tiny_model.set_remat('sometimes')
   x = jax.random.uniform(jax.random.key(2), (1, 32, 32, 3))
   graphdef, params = nnx.split(tiny_model, nnx.Param)
 
@@ -110,5 +112,6 @@ def test_remat_changes_nothing_numerically(tiny_model):
     return sum(jnp.mean(o ** 2) for o in model(x))
 
   plain = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)
-  remat = jax.jit(jax.value_and_grad(lambda p: loss(p, True)))(params)
-  chex.assert_trees_all_close(plain, remat, rtol=1e-5, atol=1e-7)
+  for mode in ('convs', 'full'):
+    remat = jax.jit(jax.value_and_grad(lambda p: loss(p, mode)))(params)
+    chex.assert_trees_all_close(plain, remat, rtol=1e-5, atol=1e-7)
