@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mprnet_jax.layers import normalize_remat
 from mprnet_jax.model import MPRNet
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -33,7 +34,7 @@ def _parse_size(size) -> tuple[int, int]:
   return h, w
 
 
-def benchmark_config(task: str, batch: int, dtype: str, remat: bool) -> ml_collections.ConfigDict:
+def benchmark_config(task: str, batch: int, dtype: str, remat: str) -> ml_collections.ConfigDict:
   """The official training recipe's optimiser and loss for `task`, as a step config."""
   config = ml_collections.ConfigDict()
   config.task = task
@@ -83,7 +84,7 @@ def _peak_memory_gib() -> float | None:
 
 
 def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str = 'bfloat16',
-                  batch: int = 16, size='256', remat: bool = False, steps: int = 20,
+                  batch: int = 16, size='256', remat: str = 'none', steps: int = 20,
                   warmup: int = 3, smoke: bool = False, cache_dir: str | None = None) -> dict:
   """Times `mode` ('train' or 'inference') and returns the measurements as a dict, with a
   one-line human summary under 'summary'."""
@@ -93,6 +94,7 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
     raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
   if batch < 1 or steps < 1 or warmup < 0:
     raise ValueError('batch and steps must be >= 1 and warmup >= 0')
+  remat = normalize_remat(remat)
   if cache_dir:
     jax.config.update('jax_compilation_cache_dir', cache_dir)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
@@ -144,9 +146,52 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
   }
   memory = result['peak_memory_gib']
   result['summary'] = (
-      f'{mode} {task} {dtype} batch {batch} {height}x{width}{" remat" if remat else ""} on '
+      f'{mode} {task} {dtype} batch {batch} {height}x{width} remat={remat} on '
       f'{result["device"]}: {result["median_step_ms"]:.1f} ms/step (median of {steps}), '
       f'{result["images_per_s"]:.1f} images/s, first call {first:.1f} s, peak memory '
       f'{"n/a" if memory is None else f"{memory:.1f} GiB"}, '
       f'{result["achieved_tflops"] or "n/a"} TFLOP/s achieved')
   return result
+
+
+# The rows of BENCHMARKS.md, in the order they are worth measuring when time is short. The
+# first row runs twice on one fresh compilation cache: cold, then from the persistent cache.
+GPU_SUITE = (
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none'),
+    dict(mode='inference', dtype='bfloat16', batch=1, size='720x1280', remat='none'),
+    dict(mode='inference', dtype='float32', batch=1, size='720x1280', remat='none'),
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='convs'),
+    dict(mode='train', dtype='float32', batch=16, size='256', remat='convs'),
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none'),  # warm cache
+    dict(mode='train', dtype='float32', batch=16, size='256', remat='full'),
+)
+
+
+def run_suite(out_path: str, *, cache_dir: str, steps: int = 10, warmup: int = 2,
+              timeout_s: int = 240, smoke: bool = False) -> list[dict]:
+  """Runs every GPU_SUITE row in its own process (fresh peak-memory counters, honest compile
+  times) and appends each result to `out_path` as a JSON line as soon as it is known."""
+  import json
+  import os
+  import subprocess
+  import sys
+
+  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.95')
+  results = []
+  for row in GPU_SUITE:
+    argv = [sys.executable, '-m', 'mprnet_jax.cli', 'benchmark', '--json', '--mode', row['mode'],
+            '--dtype', row['dtype'], '--batch', str(row['batch']), '--size', row['size'],
+            '--remat', row['remat'], '--steps', str(steps), '--warmup', str(warmup),
+            '--cache-dir', cache_dir] + (['--smoke'] if smoke else [])
+    try:
+      done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
+      lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
+      result = json.loads(lines[-1]) if done.returncode == 0 and lines else {
+          **row, 'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:300]}
+    except subprocess.TimeoutExpired:
+      result = {**row, 'error': f'timed out after {timeout_s} s'}
+    results.append(result)
+    with open(out_path, 'a') as f:
+      f.write(json.dumps(result) + '\n')
+    print(result.get('summary') or result, flush=True)
+  return results

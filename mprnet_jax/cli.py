@@ -91,8 +91,13 @@ def _export(args) -> None:
 
 
 def _benchmark(args) -> None:
-  from mprnet_jax.benchmark import run_benchmark
+  from mprnet_jax.benchmark import run_benchmark, run_suite
 
+  if args.suite:
+    import tempfile
+    run_suite(args.suite, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix='mprnet-cache-'),
+              steps=args.steps, warmup=args.warmup, smoke=args.smoke)
+    return
   result = run_benchmark(mode=args.mode, task=args.task, dtype=args.dtype,
                          batch=args.batch, size=args.size, remat=args.remat, steps=args.steps,
                          warmup=args.warmup, smoke=args.smoke, cache_dir=args.cache_dir)
@@ -156,7 +161,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--size', default='256', help='crop size: N or HxW (inference e.g. 720x1280)')
-  p.add_argument('--remat', action='store_true', help='recompute each CAB in the backward pass')
+  p.add_argument('--remat', default='none', choices=['none', 'convs', 'full'],
+                 help="recompute in each CAB's backward pass: nothing, the elementwise work "
+                      "around the convs, or everything but the block input")
+  p.add_argument('--suite', metavar='OUT.jsonl',
+                 help='run every row of BENCHMARKS.md, each in its own process, into OUT.jsonl')
   p.add_argument('--steps', type=int, default=20, help='timed steps')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
   p.add_argument('--smoke', action='store_true', help='tiny model, CPU-sized: checks the harness')
