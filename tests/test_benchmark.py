@@ -16,7 +16,7 @@ def test_benchmark_smoke_reports_every_field(mode, capsys):
     assert key in result, key
   assert result['mode'] == mode and result['smoke'] is True
   assert result['median_step_ms'] > 0 and result['images_per_s'] > 0
-  # XLA's count of the forward pass is positive; a training step counts three forwards.
+  # The counted convolution FLOPs are positive; a training step counts three forwards.
   assert result['model_tflop_per_step'] > 0
 
 

@@ -1,0 +1,295 @@
+"""The training loop: `train(config, workdir)` runs an experiment config end to end.
+
+Builds the data (this process's slice), the model, the state and the jitted step; resumes from
+the newest readable checkpoint in `workdir`; trains with a progress bar; validates every
+`config.eval_every` steps and at the end (mean PSNR of the restorations and, for reference, of
+the degraded inputs); checkpoints every `config.checkpoint_every` steps, at each validation and
+at the end. SIGTERM or Ctrl-C finish the current step, save a checkpoint and return.
+
+Files in `workdir`: config.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png,
+images/val_<step>.png (see `train_logging`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from mprnet_jax import data as data_lib
+from mprnet_jax import parallel as parallel_lib
+from mprnet_jax import train_step as step_lib
+from mprnet_jax.checkpoints import TrainCheckpointer
+from mprnet_jax.config_loading import config_to_dict
+from mprnet_jax.metrics import psnr
+from mprnet_jax.model import MPRNet
+from mprnet_jax.train_logging import MetricsLogger
+
+__all__ = ['train', 'build_sources', 'build_model']
+
+# Validation degradations of synthetic data use their own fixed seed, so validation PSNRs
+# compare across runs whatever `config.seed` is.
+_VALIDATION_SEED = 20210301
+
+
+def _clean_images_in(folder: str) -> dict[str, np.ndarray]:
+  from PIL import Image
+
+  names = sorted(f for f in os.listdir(folder) if f.lower().endswith(data_lib.IMAGE_EXTENSIONS))
+  if not names:
+    raise ValueError(f'no images in {folder} (synthetic data needs clean images)')
+  images = {}
+  for name in names:
+    with Image.open(os.path.join(folder, name)) as image:
+      images[name] = np.asarray(image.convert('RGB'))
+  return images
+
+
+def build_sources(config) -> tuple[Any, Any]:
+  """(train source, validation source) of `config.data` (see experiments/base.py)."""
+  data = config.data
+  if data.kind == 'synthetic':
+    train_clean, val_clean = data_lib.bundled_photo_split()
+    if data.train_dir:
+      train_clean = _clean_images_in(data.train_dir)
+    if data.val_dir:
+      val_clean = _clean_images_in(data.val_dir)
+    ranges = {'noise_sigma': tuple(data.noise_sigma)}
+    train = data_lib.SyntheticSource(train_clean, data.degradation, seed=config.seed,
+                                     variants=data.variants, **ranges)
+    val = data_lib.SyntheticSource(val_clean, data.degradation, seed=_VALIDATION_SEED, **ranges)
+    return train, val
+  if data.kind == 'paired':
+    train = data_lib.PairedFolderSource(data.train_dir, cache=data.cache)
+    if data.cache:
+      train.preload()  # decode once, before grain's workers copy the source
+    return train, data_lib.PairedFolderSource(data.val_dir)
+  if data.kind == 'shards':
+    return data_lib.ShardSource(data.train_dir), data_lib.ShardSource(data.val_dir)
+  raise ValueError(f"config.data.kind must be 'synthetic', 'paired' or 'shards', got {data.kind!r}")
+
+
+def build_model(config) -> MPRNet:
+  """A freshly initialised float32 MPRNet of `config.model` (preset, then explicit sizes)."""
+  model = config.model
+  sizes = {k: model.get(k) for k in ('n_feat', 'scale_unetfeats', 'scale_orsnetfeats', 'num_cab')}
+  return MPRNet(model.task_preset or None, **sizes, rngs=nnx.Rngs(config.seed))
+
+
+class _StopRequest:
+  """SIGTERM / SIGINT set a flag the loop checks after each step; a second Ctrl-C while
+  saving falls through to the default handler (KeyboardInterrupt)."""
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous = {}
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame):
+    del frame
+    self.signal_name = signal.Signals(signum).name
+    signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+  def requested(self, sync: bool) -> bool:
+    """Whether to stop; with `sync` (several processes) all stop if any process was told to."""
+    local = self.signal_name is not None
+    if not sync:
+      return local
+    from jax.experimental import multihost_utils
+    return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
+
+
+def _validate(eval_fn, params, batches) -> tuple[float, float, tuple]:
+  """(mean PSNR restored, mean PSNR degraded, (degraded, restored, clean) for the grid)."""
+  restored_psnr, degraded_psnr, grid = [], [], ([], [], [])
+  for batch in batches:
+    restored = np.asarray(eval_fn(params, batch['input']))
+    restored_psnr.extend(np.asarray(psnr(restored, batch['target'])).tolist())
+    degraded_psnr.extend(np.asarray(psnr(batch['input'], batch['target'])).tolist())
+    for column, images in zip(grid, (batch['input'], restored, batch['target'])):
+      column.extend(list(images))
+  grid = tuple(_same_size(images[:4]) for images in grid)
+  return float(np.mean(restored_psnr)), float(np.mean(degraded_psnr)), grid
+
+
+def _same_size(images: list[np.ndarray]) -> np.ndarray:
+  h = min(im.shape[0] for im in images)
+  w = min(im.shape[1] for im in images)
+  return np.stack([im[(im.shape[0] - h) // 2:][:h, (im.shape[1] - w) // 2:][:, :w]
+                   for im in images])
+
+
+def _enable_compilation_cache() -> None:
+  if jax.config.jax_compilation_cache_dir is None:
+    cache = os.environ.get('MPRNET_JAX_CACHE', os.path.expanduser('~/.cache/mprnet_jax/xla'))
+    jax.config.update('jax_compilation_cache_dir', cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+
+def train(config, workdir: str | os.PathLike) -> dict:
+  """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the final
+  metrics: step, loss (last logged), psnr and psnr_degraded (last validation), wall_time_s,
+  resumed_from (step or None), interrupted (stopped by a signal), and state (the final
+  TrainState on one device)."""
+  start_time = time.time()
+  parallel_lib.initialize_distributed()
+  _enable_compilation_cache()
+  workdir = os.fspath(workdir)
+  main = parallel_lib.is_main_process()
+  processes = jax.process_count()
+  say = print if main else (lambda *a, **k: None)
+  if config.batch_size % processes:
+    raise ValueError(f'batch_size {config.batch_size} does not divide over {processes} processes')
+  local_batch = config.batch_size // processes
+
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+
+  train_source, val_source = build_sources(config)
+  steps_per_epoch = (len(train_source) // processes) // local_batch
+  if steps_per_epoch < 1:
+    raise ValueError(f'{len(train_source)} training examples make no batch of {local_batch} '
+                     f'per process')
+  total_steps = config.num_steps or config.num_epochs * steps_per_epoch
+  loader = data_lib.make_train_loader(
+      train_source, batch_size=local_batch, patch_size=config.data.patch_size, seed=config.seed,
+      num_workers=config.data.num_workers, shard_index=jax.process_index(),
+      shard_count=processes, augment=config.data.augment)
+  iterator = iter(loader)
+  val_batches = data_lib.make_eval_batches(val_source, config.data.val_patch_size or None,
+                                           config.data.val_batch_size)
+  if config.data.max_val_images:
+    val_batches = _first_images(val_batches, config.data.max_val_images)
+
+  model = build_model(config)
+  graphdef, state = step_lib.create_train_state(model, config, steps_per_epoch, config.seed)
+  checkpointer = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
+                                   model_config=model.config.to_dict(),
+                                   experiment_config=config_to_dict(config))
+  resumed_from = None
+  if checkpointer.latest_step() is not None:
+    restored = checkpointer.restore_latest(state)
+    if restored is not None:
+      state, saved_loader_state, resumed_from = restored
+      data_lib.restore_loader(iterator, saved_loader_state)
+      say(f'Resuming from step {resumed_from} in {checkpointer.directory}')
+  start_step = int(state.step)
+
+  parallel = parallel_lib.choose_parallel(config.parallel)
+  mesh = parallel_lib.make_mesh() if parallel == 'mesh' else None
+  if parallel == 'none':
+    # Restored arrays are committed to a device; commit fresh ones too, so a resumed run
+    # hits the compilation cache of the first instead of compiling the step again.
+    state = jax.device_put(state, jax.local_devices()[0])
+  state = parallel_lib.place_state(state, parallel, mesh)
+  step_fn = step_lib.make_train_step(graphdef, config, steps_per_epoch, parallel=parallel,
+                                     mesh=mesh)
+  eval_fn = step_lib.make_eval_step(graphdef, config, parallel='none')
+  logger = MetricsLogger(workdir, enabled=main)
+  logger.truncate_after(start_step)
+  say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '
+      f'{config.batch_size}, parallel={parallel}, '
+      f'{jax.device_count()} devices) in {workdir}')
+
+  def save(psnr_value=None):
+    # Mesh: the global replicated arrays (every process writes its part); else one copy.
+    to_save = state if parallel == 'mesh' else parallel_lib.unplace_state(state, parallel)
+    checkpointer.save(to_save, data_lib.loader_state(iterator), psnr=psnr_value)
+
+  def validate(step):
+    params = parallel_lib.unplace_state(state, parallel).params
+    value, degraded, grid = _validate(eval_fn, params, val_batches)
+    logger.write(step, 'val', {'psnr': value, 'psnr_degraded': degraded,
+                               'psnr_gain': value - degraded})
+    logger.write_images(step, *grid)
+    say(f'step {step}: validation PSNR {value:.2f} dB (degraded inputs {degraded:.2f} dB, '
+        f'gain {value - degraded:+.2f} dB) on {sum(len(b["input"]) for b in val_batches)} images')
+    return value, degraded
+
+  result = {'step': start_step, 'loss': float('nan'), 'psnr': None, 'psnr_degraded': None,
+            'resumed_from': resumed_from, 'interrupted': False}
+  progress = _progress_bar(main, start_step, total_steps)
+  say = progress.write if main else say  # prints that keep the bar intact
+  window_start, window_images = time.time(), 0
+  step = start_step
+  try:
+    with _StopRequest() as stop:
+      while step < total_steps:
+        batch = parallel_lib.place_batch(next(iterator), parallel, mesh)
+        state, metrics = step_fn(state, batch)
+        step += 1
+        window_images += config.batch_size
+        progress.update(1)
+        if step % config.log_every == 0 or step == total_steps:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          rate = window_images / max(time.time() - window_start, 1e-9)
+          window_start, window_images = time.time(), 0
+          logger.write(step, 'train', dict(metrics, images_per_s=rate))
+          progress.set_postfix(loss=f'{metrics["loss"]:.4f}', lr=f'{metrics["lr"]:.2e}',
+                               img_s=f'{rate:.1f}', refresh=False)
+          result['loss'] = metrics['loss']
+          step_lib.check_nonfinite(state, config)
+        psnr_value = None
+        if step % config.eval_every == 0 or step == total_steps:
+          psnr_value, result['psnr_degraded'] = validate(step)
+          result['psnr'] = psnr_value
+        # Several processes must agree to stop on the same step: they compare every log_every.
+        if processes == 1:
+          stopping = stop.requested(sync=False)
+        else:
+          stopping = step % config.log_every == 0 and stop.requested(sync=True)
+        if psnr_value is not None or step % config.checkpoint_every == 0 or stopping \
+            or step == total_steps:
+          save(psnr_value)
+        if stopping:
+          result['interrupted'] = True
+          say(f'{stop.signal_name or "stop request"} received: saved a checkpoint at step {step} '
+              f'in {checkpointer.directory}; run the same command again to resume')
+          break
+  finally:
+    progress.close()
+    checkpointer.close()  # waits for the saves in flight, even after an error
+    logger.close()
+  if start_step >= total_steps:
+    say(f'Nothing to do: the checkpoint is already at step {start_step} of {total_steps}')
+  result['step'] = step
+  result['state'] = parallel_lib.unplace_state(state, parallel)
+  result['wall_time_s'] = time.time() - start_time
+  if main and not result['interrupted'] and result['psnr'] is not None:
+    print(f'Done: step {step}, validation PSNR {result["psnr"]:.2f} dB vs degraded '
+          f'{result["psnr_degraded"]:.2f} dB, {result["wall_time_s"]:.0f} s')
+  return result
+
+
+def _first_images(batches: list[dict], count: int) -> list[dict]:
+  kept = []
+  for batch in batches:
+    if count <= 0:
+      break
+    kept.append({k: v[:count] for k, v in batch.items()})
+    count -= len(batch['input'])
+  return kept
+
+
+def _progress_bar(enabled: bool, start: int, total: int):
+  from tqdm.auto import tqdm
+  return tqdm(total=total, initial=start, disable=not enabled, unit='step', dynamic_ncols=True,
+              desc='train', smoothing=0.1)

@@ -1,0 +1,212 @@
+"""The training loop with `experiments/smoke.py`: exact resume, fallback from a corrupt
+checkpoint, the files a run leaves, loading the trained model, SIGTERM; and the experiment
+configs. The smoke runs share one compiled step through the persistent compilation cache."""
+
+import json
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from mprnet_jax import data as data_lib
+from mprnet_jax.checkpoints import TrainCheckpointer, load_model_from_workdir
+from mprnet_jax.config_loading import load_config
+from mprnet_jax.metrics import psnr
+from mprnet_jax.train_logging import image_grid, plot_curves, read_metrics
+from mprnet_jax.trainer import build_sources, train
+
+EXPERIMENTS = Path(__file__).resolve().parents[1] / 'experiments'
+
+
+def smoke(*overrides):
+  return load_config(EXPERIMENTS / 'smoke.py', list(overrides))
+
+
+def train_losses(workdir) -> dict[int, float]:
+  records = read_metrics(Path(workdir) / 'metrics.jsonl')
+  steps = [r['step'] for r in records if r['split'] == 'train']
+  assert len(steps) == len(set(steps)), f'duplicate training records: {steps}'
+  return {r['step']: r['loss'] for r in records if r['split'] == 'train'}
+
+
+@pytest.fixture(scope='module')
+def full_run(tmp_path_factory):
+  """Six uninterrupted steps (checkpoints at 2, 3, 4, 6; validations at 3 and 6)."""
+  workdir = tmp_path_factory.mktemp('full')
+  result = train(smoke('num_steps=6'), workdir)
+  return workdir, result
+
+
+def test_resume_continues_the_same_trajectory(full_run, tmp_path, capsys):
+  workdir, full = full_run
+  first = train(smoke('num_steps=3'), tmp_path)
+  assert first['step'] == 3 and first['resumed_from'] is None
+  capsys.readouterr()
+  resumed = train(smoke('num_steps=6'), tmp_path)
+  assert f'Resuming from step 3 in {tmp_path}' in capsys.readouterr().out
+  assert resumed['resumed_from'] == 3 and resumed['step'] == 6
+  expected, got = train_losses(workdir), train_losses(tmp_path)
+  assert sorted(got) == sorted(expected) == [1, 2, 3, 4, 5, 6]
+  # The losses move by much more than the tolerance from step to step.
+  assert np.ptp(list(expected.values())) > 1e-2
+  np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)],
+                             rtol=0, atol=1e-6)
+  chex_leaves = zip(jax.tree.leaves(resumed['state'].params),
+                    jax.tree.leaves(full['state'].params))
+  for a, b in chex_leaves:
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_the_previous(full_run, tmp_path):
+  source, full = full_run
+  workdir = tmp_path / 'run'
+  shutil.copytree(source, workdir)
+  newest = workdir / 'checkpoints' / '6'
+  # Truncate every data file of the parameters: a checkpoint cut short by a crash.
+  data_files = [p for p in (newest / 'params').rglob('*') if p.is_file() and p.stat().st_size]
+  assert data_files
+  for path in data_files:
+    with open(path, 'r+b') as f:
+      f.truncate(path.stat().st_size // 2)
+  with pytest.warns(RuntimeWarning, match=r'checkpoints/6 is unreadable.*previous'):
+    result = train(smoke('num_steps=6'), workdir)
+  assert result['resumed_from'] == 4
+  assert (workdir / 'checkpoints' / '6.corrupt').is_dir()
+  # Steps 5 and 6 run again from step 4's checkpoint: the same losses as the first time.
+  expected, got = train_losses(source), train_losses(workdir)
+  np.testing.assert_allclose([got[5], got[6]], [expected[5], expected[6]], rtol=0, atol=1e-6)
+  assert TrainCheckpointer(workdir).latest_step() == 6
+
+
+def test_run_leaves_metrics_events_pictures_and_config(full_run):
+  workdir, result = full_run
+  records = read_metrics(workdir / 'metrics.jsonl')
+  train_records = [r for r in records if r['split'] == 'train']
+  val_records = [r for r in records if r['split'] == 'val']
+  assert [r['step'] for r in train_records] == [1, 2, 3, 4, 5, 6]
+  assert {'loss', 'lr', 'grad_norm', 'charbonnier_sum', 'edge_sum'} <= set(train_records[0])
+  assert [r['step'] for r in val_records] == [3, 6]
+  assert result['psnr'] == pytest.approx(val_records[-1]['psnr'])
+  assert list((workdir / 'tensorboard').glob('events.out.tfevents.*'))
+  for png in [workdir / 'curves.png', *(workdir / 'images').glob('val_*.png')]:
+    with open(png, 'rb') as f:
+      assert f.read(8) == b'\x89PNG\r\n\x1a\n'
+  assert sorted(p.name for p in (workdir / 'images').glob('*.png')) == [
+      'val_0000003.png', 'val_0000006.png']
+  config = json.loads((workdir / 'config.json').read_text())
+  assert config['model']['n_feat'] == 8 and config['num_steps'] == 6
+
+
+def test_load_model_from_workdir_gives_the_best_checkpoint(full_run):
+  workdir, _ = full_run
+  val_records = [r for r in read_metrics(workdir / 'metrics.jsonl') if r['split'] == 'val']
+  best = max(val_records, key=lambda r: r['psnr'])
+  model = load_model_from_workdir(workdir)
+  checkpointer = TrainCheckpointer(workdir)
+  assert checkpointer.best_step() == best['step']
+  # The loaded parameters are those of that step's checkpoint...
+  from mprnet_jax import train_step as step_lib
+  from mprnet_jax.trainer import build_model
+  config = smoke()
+  _, target = step_lib.create_train_state(build_model(config), config, 2, 0)
+  saved, _ = checkpointer.restore_step(best['step'], target)
+  for a, b in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(saved.params)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # ...and the loaded model reproduces the PSNR the run logged at that step.
+  _, val_source = build_sources(config)
+  batch = data_lib.make_eval_batches(val_source, config.data.val_patch_size, 2)[0]
+  restored = np.clip(np.asarray(model(batch['input'])[0]), 0, 1)
+  assert float(np.mean(psnr(restored, batch['target']))) == pytest.approx(best['psnr'], abs=1e-4)
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(tmp_path, capsys):
+  metrics = tmp_path / 'metrics.jsonl'
+
+  def send_sigterm_after_first_step():
+    deadline = time.time() + 300
+    while not metrics.exists() and time.time() < deadline:
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  threading.Thread(target=send_sigterm_after_first_step, daemon=True).start()
+  result = train(smoke('num_steps=200', 'eval_every=1000', 'checkpoint_every=1000'), tmp_path)
+  assert result['interrupted'] and 1 <= result['step'] < 200
+  assert 'SIGTERM received: saved a checkpoint at step' in capsys.readouterr().out
+  assert TrainCheckpointer(tmp_path).latest_step() == result['step']
+  # The handler is gone afterwards: SIGTERM's default again.
+  assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)
+
+
+def test_image_grid_and_pillow_curves(tmp_path):
+  rng = np.random.default_rng(0)
+  images = [rng.random((3, 16, 24, 3), dtype=np.float32) for _ in range(3)]
+  grid = image_grid(*images)
+  assert grid.shape == (3 * 16 + 4, 3 * 24 + 4, 3) and grid.dtype == np.uint8
+  np.testing.assert_array_equal(grid[16 + 2:32 + 2, :24], np.rint(images[1][0] * 255))
+  records = [{'step': s, 'split': 'train', 'loss': 1 / s} for s in range(1, 5)]
+  records.append({'step': 4, 'split': 'val', 'psnr': 25.0, 'psnr_degraded': 20.0})
+  plot_curves(records, tmp_path / 'c.png', use_matplotlib=False)
+  assert (tmp_path / 'c.png').read_bytes()[:4] == b'\x89PNG'
+
+
+# --- experiment configs -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize('name,values', [
+    ('deblur_gopro', {'task': 'deblurring', 'optim.lr': 2e-4, 'batch_size': 16,
+                      'data.patch_size': 256, 'num_epochs': 3000, 'optim.warmup_epochs': 3,
+                      'optim.min_lr': 1e-6, 'optim.weight_decay': 0.0,
+                      'mixup_start_epoch': None, 'data.augment': 'deblur',
+                      'model.task_preset': 'deblurring', 'data.train_dir': 'datasets/GoPro/train'}),
+    ('derain_rain13k', {'task': 'deraining', 'optim.lr': 2e-4, 'batch_size': 16,
+                        'data.patch_size': 256, 'num_epochs': 250, 'data.augment': 'plain',
+                        'model.task_preset': 'deraining'}),
+    ('denoise_sidd', {'task': 'denoising', 'optim.lr': 2e-4, 'batch_size': 16,
+                      'data.patch_size': 128, 'num_epochs': 80, 'optim.weight_decay': 1e-8,
+                      'optim.cosine_extra_epochs': 40, 'mixup_start_epoch': 5,
+                      'optim.b1': 0.9, 'optim.b2': 0.999, 'optim.eps': 1e-8,
+                      'model.task_preset': 'denoising'}),
+    ('default', {'task': 'denoising', 'data.kind': 'synthetic', 'mixup_start_epoch': None,
+                 'optim.schedule_unit': 'step', 'model.num_cab': 1}),
+    ('smoke', {'model.n_feat': 8, 'data.patch_size': 32}),
+])
+def test_experiment_configs(name, values):
+  config = load_config(EXPERIMENTS / f'{name}.py')
+  for key, expected in values.items():
+    node = config
+    for part in key.split('.'):
+      node = node[part]
+    assert node == expected, key
+  # The launch command is in the docstring.
+  assert f'mprnet train --config experiments/{name}.py' in (EXPERIMENTS / f'{name}.py').read_text()
+
+
+def test_every_config_field_has_a_comment():
+  text = (EXPERIMENTS / 'base.py').read_text()
+  for line in text.splitlines():
+    stripped = line.strip()
+    if stripped.startswith('config.') and '=' in stripped and 'ConfigDict()' not in stripped:
+      assert '#' in line or '#' in text.splitlines()[text.splitlines().index(line) - 1], line
+
+
+def test_overrides_are_type_checked():
+  config = smoke('optim.lr=0.01', 'data.kind=paired', 'num_steps=7', 'model.remat=true',
+                 'mixup_start_epoch=3', 'data.noise_sigma=(1.0, 2.0)')
+  assert (config.optim.lr, config.data.kind, config.num_steps) == (0.01, 'paired', 7)
+  assert config.model.remat is True and config.mixup_start_epoch == 3
+  assert config.data.noise_sigma == (1.0, 2.0)
+  with pytest.raises(ValueError, match="unknown config field 'optim.lrr'"):
+    smoke('optim.lrr=1')
+  with pytest.raises(ValueError, match="bad value 'abc' for config field 'batch_size'"):
+    smoke('batch_size=abc')
+  with pytest.raises(ValueError, match='not of the form'):
+    smoke('batch_size')
+  with pytest.raises(ValueError, match='does not exist'):
+    load_config(EXPERIMENTS / 'nope.py')
