@@ -41,17 +41,23 @@ def test_whole_image_tile_equals_untiled_exactly(restorer, photo):
   assert np.array_equal(untiled, whole)
 
 
-def test_small_tiles_stay_close_to_untiled(restorer, photo):
-  image = photo.astype(np.float32) / 255
-  untiled = restorer.restore_float(image)
-  tiled = Restorer(restorer.model, tile=96, overlap=48).restore_float(image)
-  # Measured 33.4 dB on this random-weight model (its receptive field spans the whole tile);
-  # the README states the figure.
-  assert float(psnr(tiled, untiled)) > 30.0
+def test_small_tiles_stay_close_to_untiled_on_a_trained_model(photo):
+  # demo_denoise.safetensors: the demo's model (experiments/default.py, 400 steps), exported
+  # with `mprnet export`. Channel attention averages over the whole input, so tiles cannot be
+  # exact; measured 43.4 dB between tiled (96 px, overlap 48) and untiled (README).
+  trained = Restorer(FIXTURES / 'demo_denoise.safetensors')
+  clean = photo.astype(np.float32) / 255
+  noisy = np.clip(clean + np.random.default_rng(0).normal(0, 25 / 255, clean.shape), 0, 1)
+  untiled = trained.restore_float(noisy.astype(np.float32))
+  tiled = Restorer(trained.model, tile=96, overlap=48).restore_float(noisy.astype(np.float32))
+  assert float(psnr(tiled, untiled)) > 40.0
   assert not np.array_equal(tiled, untiled)
+  # And tiling costs the restoration almost nothing against the clean photo.
+  assert abs(float(psnr(tiled, clean)) - float(psnr(untiled, clean))) < 0.05
+  assert float(psnr(untiled, clean)) > float(psnr(noisy, clean)) + 5
 
 
-def test_ensemble_of_identity_like_averages_eight_views(photo):
+def test_ensemble_averages_eight_views(photo):
   model = from_pytorch(TINY)
   image = photo[:64, :64].astype(np.float32) / 255
   plain = Restorer(model).restore_float(image)
