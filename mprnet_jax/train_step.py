@@ -134,7 +134,8 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
   batch: {'input', 'target'}, float32 (B, H, W, 3), placed by `parallel.place_batch` (for
     'pmap', (devices, B / devices, H, W, 3)). rng: a key for MixUp, folded with the step
     (None: the state's own key). The state must be placed by `parallel.place_state`; it is
-    donated.
+    donated. For 'none' and 'mesh', `step_fn.lower(state, batch, rng=None)` gives the jitted
+    step's `Lowered` (ahead-of-time compilation).
   metrics: float32 scalars `loss`, `charbonnier_sum`, `edge_sum` (tasks with the edge loss),
     `lr` (the rate this step's update used), `grad_norm`, `nonfinite` (1.0: update skipped).
 
@@ -193,14 +194,20 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
     metrics['nonfinite'] = skipped.astype(jnp.float32)
     return new_state, metrics
 
-  if parallel == 'none':
-    jitted = jax.jit(step, donate_argnums=(0,))
-    return lambda state, batch, rng=None: jitted(state, batch, rng)
-  if parallel == 'mesh':
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-    jitted = jax.jit(step, in_shardings=(replicated, data, replicated),
-                     out_shardings=(replicated, replicated), donate_argnums=(0,))
-    return lambda state, batch, rng=None: jitted(state, batch, rng)
+  if parallel in ('none', 'mesh'):
+    if parallel == 'none':
+      jitted = jax.jit(step, donate_argnums=(0,))
+    else:
+      replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
+      jitted = jax.jit(step, in_shardings=(replicated, data, replicated),
+                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+    def step_fn(state, batch, rng=None):
+      return jitted(state, batch, rng)
+
+    # Ahead-of-time compilation, e.g. to compile on every process before the first step runs.
+    step_fn.lower = lambda state, batch, rng=None: jitted.lower(state, batch, rng)
+    return step_fn
   mapped = jax.pmap(step, axis_name='data', in_axes=(0, 0, None), donate_argnums=(0,))
 
   def pmap_step(state, batch, rng=None):

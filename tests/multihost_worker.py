@@ -1,0 +1,130 @@
+"""One process of the two-process data-parallel test (tests/test_multihost.py), and the tiny
+setting shared with tests/test_parallel.py (same config and batch, so the one-device reference
+compiles once and comes from the persistent cache afterwards).
+
+Run as: python multihost_worker.py --process_id I --num_processes 2 --port P --out DIR
+Each process has 2 CPU devices, feeds its own half of the global batch through `place_batch`,
+and takes 3 steps with mesh parallelism; process 0 writes DIR/result.json (loss per step and
+a parameter checksum) and DIR/params.npz.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+import ml_collections
+import numpy as np
+
+GLOBAL_BATCH = 8
+CROP = 32
+STEPS = 3
+STEPS_PER_EPOCH = 1000  # all steps in epoch 0: a constant learning rate (no warm-up, cosine t=0)
+
+
+def tiny_config(optimizer: str = 'adam', lr: float = 2e-4) -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.task = 'deblurring'
+  config.batch_size = GLOBAL_BATCH
+  config.num_epochs = 10
+  config.mixup_start_epoch = None
+  config.max_nonfinite = 5
+  config.optim = ml_collections.ConfigDict(dict(
+      name=optimizer, lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, min_lr=1e-6,
+      warmup_epochs=0, cosine_extra_epochs=0, schedule_unit='epoch'))
+  config.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
+  return config
+
+
+def tiny_batch() -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  target = rng.random((GLOBAL_BATCH, CROP, CROP, 3), dtype=np.float32)
+  noisy = target + 0.2 * rng.standard_normal(target.shape, dtype=np.float32)
+  return {'input': noisy.astype(np.float32), 'target': target}
+
+
+def tiny_state(config):
+  from flax import nnx
+
+  from mprnet_jax.model import MPRNet
+  from mprnet_jax.train_step import create_train_state
+  model = MPRNet(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=1,
+                 rngs=nnx.Rngs(0))
+  return create_train_state(model, config, STEPS_PER_EPOCH, seed=0)
+
+
+def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS):
+  """(loss per step, final params as a dict of numpy arrays keyed by path)."""
+  import jax
+
+  from mprnet_jax.parallel import place_batch, place_state, unplace_state
+  from mprnet_jax.train_step import make_train_step
+  graphdef, state = tiny_state(config)
+  step_fn = make_train_step(graphdef, config, STEPS_PER_EPOCH, parallel=parallel, mesh=mesh)
+  state = place_state(state, parallel, mesh)
+  batch = place_batch(local_batch, parallel, mesh)
+  if jax.process_count() > 1:
+    # Compile everywhere first, then start together: gloo gives up connecting the processes
+    # after ~30 s, less than one process may take longer than another to compile.
+    compiled = step_fn.lower(state, batch).compile()
+    from jax._src import distributed
+    distributed.global_state.client.wait_at_barrier('mprnet_compiled', 300_000)
+    step_fn = lambda state, batch: compiled(state, batch, None)  # noqa: E731
+  losses = []
+  for _ in range(steps):
+    state, metrics = step_fn(state, batch)
+    losses.append(float(np.asarray(metrics['loss'].addressable_data(0))))
+  params = unplace_state(state, parallel).params
+  flat = {jax.tree_util.keystr(path): np.asarray(leaf)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  return losses, flat
+
+
+def checksum(flat: dict[str, np.ndarray]) -> float:
+  """Sum of every parameter times a fixed position-dependent weight (order-sensitive)."""
+  total = 0.0
+  for key in sorted(flat):
+    values = flat[key].astype(np.float64).ravel()
+    total += float(np.dot(values, np.cos(np.arange(values.size))))
+  return total
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument('--process_id', type=int, required=True)
+  parser.add_argument('--num_processes', type=int, default=2)
+  parser.add_argument('--port', type=int, required=True)
+  parser.add_argument('--devices_per_process', type=int, default=2)
+  parser.add_argument('--out', required=True)
+  parser.add_argument('--cache', default=None)
+  args = parser.parse_args()
+
+  import jax
+  jax.config.update('jax_num_cpu_devices', args.devices_per_process)
+  jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+  if args.cache:
+    jax.config.update('jax_compilation_cache_dir', args.cache)
+    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
+
+  from mprnet_jax.parallel import initialize_distributed, is_main_process, make_mesh
+  assert initialize_distributed(coordinator_address=f'127.0.0.1:{args.port}',
+                                num_processes=args.num_processes, process_id=args.process_id)
+  assert jax.process_count() == args.num_processes
+  assert jax.device_count() == args.num_processes * args.devices_per_process
+
+  share = GLOBAL_BATCH // args.num_processes
+  local = {k: v[args.process_id * share:(args.process_id + 1) * share]
+           for k, v in tiny_batch().items()}
+  losses, flat = train(tiny_config('adam'), local, 'mesh', make_mesh())
+  if is_main_process():
+    os.makedirs(args.out, exist_ok=True)
+    np.savez(os.path.join(args.out, 'params.npz'), **flat)
+    with open(os.path.join(args.out, 'result.json'), 'w') as f:
+      json.dump({'losses': losses, 'checksum': checksum(flat),
+                 'process_count': jax.process_count(), 'device_count': jax.device_count()}, f)
+  jax.distributed.shutdown()
+
+
+if __name__ == '__main__':
+  main()
