@@ -25,8 +25,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_cab = config_dict.placeholder(int)  # CABs per ORB in stage 3 (official 8)
   # Compute dtype: 'float32' or 'bfloat16' (parameters, loss and metrics stay float32).
   config.model.dtype = 'float32'
-  # Recompute each CAB in the backward pass: needed for batch 16 at 256x256 float32 on 80 GB.
-  config.model.remat = False
+  # Rematerialisation in each CAB's backward pass: 'none'; 'convs' (keep conv outputs,
+  # recompute the elementwise work: batch 16 float32 at 256x256 in 66 GiB, bf16 in 33 GiB);
+  # 'full' (keep block inputs only: float32 in 29 GiB, about 15% slower). See BENCHMARKS.md.
+  config.model.remat = 'none'
 
   config.optim = ml_collections.ConfigDict()
   config.optim.name = 'adam'  # torch.optim.Adam semantics (weight decay as L2 on the gradient)

@@ -5,7 +5,7 @@
 
 Adam 2e-4, 3 warm-up epochs then cosine to 1e-6, batch 16, 256x256 crops, 3000 epochs, loss
 sum over stages of Charbonnier + 0.05 * edge, random-saturation augmentation. On one 80 GB GPU
-batch 16 float32 needs `--config.model.remat=True` (or `--config.model.dtype=bfloat16`).
+batch 16 float32 needs `--config.model.remat=convs` (or `--config.model.dtype=bfloat16`).
 """
 
 from experiments import base

@@ -197,10 +197,10 @@ def test_every_config_field_has_a_comment():
 
 
 def test_overrides_are_type_checked():
-  config = smoke('optim.lr=0.01', 'data.kind=paired', 'num_steps=7', 'model.remat=true',
+  config = smoke('optim.lr=0.01', 'data.kind=paired', 'num_steps=7', 'model.remat=convs',
                  'mixup_start_epoch=3', 'data.noise_sigma=(1.0, 2.0)')
   assert (config.optim.lr, config.data.kind, config.num_steps) == (0.01, 'paired', 7)
-  assert config.model.remat is True and config.mixup_start_epoch == 3
+  assert config.model.remat == 'convs' and config.mixup_start_epoch == 3
   assert config.data.noise_sigma == (1.0, 2.0)
   with pytest.raises(ValueError, match="unknown config field 'optim.lrr'"):
     smoke('optim.lrr=1')
