@@ -65,7 +65,35 @@ def test_ensemble_averages_eight_views(photo):
   assert ensembled.shape == plain.shape and not np.array_equal(plain, ensembled)
 
 
-def _write_pairs(root, photo, restorer_fn=None):
+def test_out_of_memory_falls_back_to_tiles(restorer, photo, monkeypatch):
+  """An image that exhausts device memory is restored in tiles instead (simulated: the
+  compiled function refuses inputs above 256 pixels a side, as XLA reports it)."""
+  tiled = Restorer(restorer.model, bucket=8)
+  real_apply = tiled._apply
+
+  def limited(params, x):
+    if max(x.shape[1:3]) > 256:
+      raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
+    return real_apply(params, x)
+
+  monkeypatch.setattr(tiled, '_apply', limited)
+  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (512, 256))
+  image = photo.astype(np.float32) / 255                       # 203 x 317: too large here
+  with pytest.warns(UserWarning, match='restoring in 256-pixel tiles'):
+    restored = tiled.restore_float(image)
+  assert restored.shape == image.shape
+  assert float(psnr(restored, restorer.restore_float(image))) > 10  # a restoration, not noise
+  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (512,))
+  with pytest.raises(MemoryError, match='does not fit in device memory'):
+    tiled.restore_float(image)
+
+
+def test_restorer_is_public_api():
+  import mprnet_jax
+  assert mprnet_jax.Restorer is Restorer
+
+
+def _write_pairs(root, photo):
   (root / 'input').mkdir(parents=True)
   (root / 'target').mkdir()
   rng = np.random.default_rng(0)
