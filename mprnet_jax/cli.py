@@ -53,7 +53,9 @@ def _train(args, overrides: list[str]) -> None:
   default = Path(__file__).resolve().parents[1] / 'experiments' / 'default.py'
   config = load_config(args.config or default, overrides)
   result = train(config, args.workdir)
-  print(json.dumps({k: v for k, v in result.items() if isinstance(v, (int, float, str))}))
+  summary = {k: v for k, v in result.items()
+             if isinstance(v, (int, str)) or (isinstance(v, float) and np.isfinite(v))}
+  print(json.dumps(summary))
 
 
 def _restorer(args):
