@@ -20,9 +20,8 @@ import ml_collections
 from flax import nnx
 
 from mprnet_jax.layers import normalize_remat
-from mprnet_jax.model import MPRNet
+from mprnet_jax.model import MPRNet, compute_dtype
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 SMOKE_SIZES = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
 
 
@@ -108,8 +107,7 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
   one-line human summary under 'summary'."""
   if mode not in ('train', 'inference'):
     raise ValueError(f'mode must be train or inference, got {mode!r}')
-  if dtype not in DTYPES:
-    raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+  compute = compute_dtype(dtype)
   if batch < 1 or steps < 1 or warmup < 0:
     raise ValueError('batch and steps must be >= 1 and warmup >= 0')
   remat = normalize_remat(remat)
@@ -120,7 +118,7 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
     size, batch, steps, warmup = min(_parse_size(size)[0], 32), min(batch, 2), min(steps, 2), 1
   height, width = _parse_size(size)
   sizes = SMOKE_SIZES if smoke else {}
-  model = MPRNet(task, **sizes, dtype=DTYPES[dtype], remat=remat, rngs=nnx.Rngs(0))
+  model = MPRNet(task, **sizes, dtype=compute, remat=remat, rngs=nnx.Rngs(0))
   shape = (batch, height, width, 3)
   keys = jax.random.split(jax.random.key(0), 2)
   inputs = jax.random.uniform(keys[0], shape, jnp.float32)

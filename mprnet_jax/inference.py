@@ -17,9 +17,8 @@ from tqdm.auto import tqdm
 
 from mprnet_jax import metrics, tiling
 from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
-from mprnet_jax.model import MPRNet
+from mprnet_jax.model import MPRNet, compute_dtype
 
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 # Tile sizes tried, largest first, when a whole image does not fit in device memory.
 FALLBACK_TILES = (1024, 512, 256)
 
@@ -59,17 +58,16 @@ class Restorer:
 
   def __init__(self, weights, *, dtype: str = 'float32', tile: int | None = None,
                overlap: int = 64, bucket: int = 8, ensemble: bool = False):
-    if dtype not in DTYPES:
-      raise ValueError(f'dtype must be one of {", ".join(DTYPES)}, got {dtype!r}')
+    compute = compute_dtype(dtype)
     if bucket <= 0 or bucket % 8:
       raise ValueError(f'bucket must be a positive multiple of 8, got {bucket}')
     if isinstance(weights, MPRNet):
       model = weights
     else:
       from mprnet_jax.weights import load_model
-      model = load_model(weights, dtype=DTYPES[dtype])
-    if DTYPES[dtype] != jnp.float32 and model.dtype != DTYPES[dtype]:
-      rebuilt = nnx.eval_shape(lambda: MPRNet(**model.config.to_dict(), dtype=DTYPES[dtype]))
+      model = load_model(weights, dtype=compute)
+    if compute is not None and model.dtype != compute:
+      rebuilt = nnx.eval_shape(lambda: MPRNet(**model.config.to_dict(), dtype=compute))
       nnx.update(rebuilt, nnx.state(model, nnx.Param))
       model = rebuilt
     self.model, self.tile, self.overlap, self.bucket = model, tile, overlap, bucket

@@ -44,6 +44,17 @@ PRESETS = {
 }
 
 
+# Compute dtypes by name. float32 is None: the layers' default, which casts nothing.
+COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+
+
+def compute_dtype(name: str):
+  """The compute dtype called `name` ('float32' or 'bfloat16'); ValueError otherwise."""
+  if name not in COMPUTE_DTYPES:
+    raise ValueError(f'dtype must be one of {", ".join(COMPUTE_DTYPES)}, got {name!r}')
+  return COMPUTE_DTYPES[name]
+
+
 def resolve_config(task: str | None = None, **sizes) -> MPRNetConfig:
   """A preset's sizes (deblurring's when `task` is None), with explicit sizes overriding them."""
   if task is not None and task not in PRESETS:

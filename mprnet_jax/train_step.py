@@ -29,6 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from mprnet_jax.augment import mixup
 from mprnet_jax.losses import mprnet_loss_terms
 from mprnet_jax.model import MPRNet, MPRNetConfig
+from mprnet_jax.model import compute_dtype as model_compute_dtype
 from mprnet_jax.layers import normalize_remat
 from mprnet_jax.optim import learning_rate_schedule, make_optimizer
 
@@ -36,7 +37,6 @@ __all__ = ['TrainState', 'check_nonfinite', 'compute_dtype', 'create_train_state
            'make_eval_step', 'make_train_step']
 
 PARALLEL_MODES = ('none', 'mesh', 'pmap')
-_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}  # None: the model's default, no casts
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -62,9 +62,10 @@ def compute_dtype(config):
   """The compute dtype of `config.model.dtype` ('float32' -> None, the model's default)."""
   model_config = config.get('model', None)
   name = model_config.get('dtype', 'float32') if model_config is not None else 'float32'
-  if name not in _DTYPES:
-    raise ValueError(f"config.model.dtype must be one of {', '.join(_DTYPES)}, got {name!r}")
-  return _DTYPES[name]
+  try:
+    return model_compute_dtype(name)
+  except ValueError as error:
+    raise ValueError(f'config.model.{error}') from None
 
 
 def _remat(config) -> str:
