@@ -210,3 +210,16 @@ def test_overrides_are_type_checked():
     smoke('batch_size')
   with pytest.raises(ValueError, match='does not exist'):
     load_config(EXPERIMENTS / 'nope.py')
+
+
+def test_cli_train_runs_an_experiment_and_resumes(tmp_path, capsys):
+  from mprnet_jax.cli import main
+  argv = ['train', '--config', str(EXPERIMENTS / 'smoke.py'), '--workdir', str(tmp_path),
+          '--config.num_steps=2']
+  assert main(argv) == 0
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert summary['step'] == 2 and np.isfinite(summary['loss'])
+  assert main(argv[:-1] + ['--config.num_steps=3']) == 0
+  assert 'Resuming from step 2' in capsys.readouterr().out
+  assert main(argv[:-1] + ['--config.num_stepz=3']) == 2
+  assert "unknown config field 'num_stepz'" in capsys.readouterr().err
