@@ -55,7 +55,7 @@ def _conv_flops(jaxpr) -> float:
   total = 0.0
   for eqn in jaxpr.eqns:
     if eqn.primitive.name == 'conv_general_dilated':
-      lhs, rhs = eqn.invars[0].aval, eqn.invars[1].aval
+      rhs = eqn.invars[1].aval
       out = eqn.outvars[0].aval
       spec = eqn.params['dimension_numbers'].rhs_spec  # (out, in, spatial...) positions
       kernel_in = rhs.shape[spec[1]]
@@ -63,7 +63,6 @@ def _conv_flops(jaxpr) -> float:
       for dim in spec[2:]:
         window *= rhs.shape[dim]
       total += 2.0 * out.size * kernel_in * window
-      del lhs
     for param in eqn.params.values():
       inner = getattr(param, 'jaxpr', None)
       if inner is not None:

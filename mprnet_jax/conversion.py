@@ -35,8 +35,15 @@ def iter_torch_params(module: nnx.Module, prefix: str = '') -> Iterator[tuple[st
       yield from iter_torch_params(child, path + '.')
 
 
-def _to_torch_layout(name: str, value: np.ndarray) -> np.ndarray:
-  return np.ascontiguousarray(value.transpose(3, 2, 0, 1)) if value.ndim == 4 else value
+_HWIO_TO_OIHW = (3, 2, 0, 1)
+
+
+def _to_torch_layout(value: np.ndarray) -> np.ndarray:
+  return np.ascontiguousarray(value.transpose(_HWIO_TO_OIHW)) if value.ndim == 4 else value
+
+
+def _torch_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+  return tuple(shape[i] for i in _HWIO_TO_OIHW) if len(shape) == 4 else tuple(shape)
 
 
 def _from_torch_layout(value: np.ndarray) -> np.ndarray:
@@ -46,7 +53,7 @@ def _from_torch_layout(value: np.ndarray) -> np.ndarray:
 def to_pytorch_state_dict(model: MPRNet) -> dict[str, np.ndarray]:
   """The official `state_dict()` of `model`: same keys (the shared PReLU under each of its
   positions), OIHW conv weights, numpy arrays."""
-  return {key: _to_torch_layout(key, np.asarray(param[...]))
+  return {key: _to_torch_layout(np.asarray(param[...]))
           for key, param in iter_torch_params(model)}
 
 
@@ -105,7 +112,7 @@ def load_state_dict(model: MPRNet, state: Mapping[str, np.ndarray],
     value = _from_torch_layout(np.asarray(state[key]))
     if value.shape != param.get_value().shape:
       misshaped.append(f'{key}: {tuple(state[key].shape)}, model wants '
-                       f'{tuple(_to_torch_layout(key, np.zeros(param.get_value().shape)).shape)}')
+                       f'{_torch_shape(param.get_value().shape)}')
       continue
     if id(param) in assigned:  # a shared parameter seen before: every copy must agree
       if not np.array_equal(assigned[id(param)], value):

@@ -29,7 +29,8 @@ __all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource', 'TfdsSource',
 IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
 
 
-def _load_rgb(path: str) -> np.ndarray:
+def load_rgb(path: str) -> np.ndarray:
+  """An image file as uint8 (H, W, 3) RGB."""
   with Image.open(path) as image:
     return np.asarray(image.convert('RGB'))
 
@@ -81,7 +82,7 @@ class PairedFolderSource:
     index = int(index)
     if index in self._cache:
       return self._cache[index]
-    inp, tgt = (_load_rgb(p) for p in self._paths[index])
+    inp, tgt = (load_rgb(p) for p in self._paths[index])
     example = {'input': inp, 'target': tgt, 'name': self.names[index]}
     if self.cache:
       self._cache[index] = example

@@ -40,16 +40,10 @@ _VALIDATION_SEED = 20210301
 
 
 def _clean_images_in(folder: str) -> dict[str, np.ndarray]:
-  from PIL import Image
-
   names = sorted(f for f in os.listdir(folder) if f.lower().endswith(data_lib.IMAGE_EXTENSIONS))
   if not names:
     raise ValueError(f'no images in {folder} (synthetic data needs clean images)')
-  images = {}
-  for name in names:
-    with Image.open(os.path.join(folder, name)) as image:
-      images[name] = np.asarray(image.convert('RGB'))
-  return images
+  return {name: data_lib.load_rgb(os.path.join(folder, name)) for name in names}
 
 
 def build_sources(config) -> tuple[Any, Any]:

@@ -63,13 +63,8 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
 
 def load_weights(path: str | os.PathLike, *, dtype=None) -> MPRNet:
   """An MPRNet from a .safetensors weight file (ours, or any with the official keys)."""
-  tensors, metadata = read_weights(path)
+  tensors, _ = read_weights(path)
   return from_pytorch(tensors, task=None, dtype=dtype, source=str(path))
-
-
-def weights_task(path: str | os.PathLike) -> str | None:
-  """The task recorded in a weight file's metadata, if any."""
-  return read_weights(path)[1].get('task')
 
 
 def load_model(path: str | os.PathLike, *, dtype=None) -> MPRNet:
