@@ -25,9 +25,11 @@ def get_config() -> ml_collections.ConfigDict:
   config.model.num_cab = config_dict.placeholder(int)  # CABs per ORB in stage 3 (official 8)
   # Compute dtype: 'float32' or 'bfloat16' (parameters, loss and metrics stay float32).
   config.model.dtype = 'float32'
-  # Rematerialisation in each CAB's backward pass: 'none'; 'convs' (keep conv outputs,
-  # recompute the elementwise work: batch 16 float32 at 256x256 in 66 GiB, bf16 in 33 GiB);
-  # 'full' (keep block inputs only: float32 in 29 GiB, about 15% slower). See BENCHMARKS.md.
+  # Rematerialisation in the CABs' backward pass: 'none'; 'convs' (each CAB keeps its input and
+  # conv outputs and recomputes the elementwise work: batch 16 float32 at 256x256 in 66 GiB,
+  # bf16 in 33 GiB, on an H200); 'runs' (a run of CABs keeps only its conv outputs: one
+  # activation fewer per CAB, no extra convolution; not yet measured on a GPU); 'full' (keep
+  # block inputs only: float32 in 29 GiB, about 15% slower). See BENCHMARKS.md.
   config.model.remat = 'none'
 
   config.optim = ml_collections.ConfigDict()

@@ -163,9 +163,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--size', default='256', help='crop size: N or HxW (inference e.g. 720x1280)')
-  p.add_argument('--remat', default='none', choices=['none', 'convs', 'full'],
-                 help="recompute in each CAB's backward pass: nothing, the elementwise work "
-                      "around the convs, or everything but the block input")
+  p.add_argument('--remat', default='none', choices=['none', 'convs', 'runs', 'full'],
+                 help="recompute in the CABs' backward pass: nothing, the elementwise work "
+                      "around the convs (per block, or per run of blocks: 'runs'), or "
+                      "everything but each block's input")
   p.add_argument('--suite', metavar='OUT.jsonl',
                  help='run every row of BENCHMARKS.md, each in its own process, into OUT.jsonl')
   p.add_argument('--steps', type=int, default=20, help='timed steps')

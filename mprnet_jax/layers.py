@@ -18,12 +18,14 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 CONV_OUTPUT = 'cab_conv_output'
-REMAT_MODES = ('none', 'convs', 'full')
+REMAT_MODES = ('none', 'convs', 'runs', 'full')
 
 
 def normalize_remat(remat) -> str:
-  """Rematerialisation mode of the CABs: False/'none', 'convs' (keep conv outputs, recompute
-  the elementwise work), True/'full' (keep only each block's input)."""
+  """Rematerialisation mode of the CABs: False/'none'; 'convs' (each CAB keeps its input and
+  its two conv outputs, and recomputes the elementwise work); 'runs' (a run of consecutive CABs
+  keeps only its input and the conv outputs, and recomputes the blocks' inputs too); True/'full'
+  (keep only each block's input)."""
   mode = {False: 'none', True: 'full', None: 'none'}.get(remat, remat)
   if mode not in REMAT_MODES:
     raise ValueError(f'remat must be one of {", ".join(REMAT_MODES)} (or a bool), got {remat!r}')
@@ -172,16 +174,33 @@ class CAB(nnx.Module):
       # Keep only the block's input for the backward pass and recompute the rest: about a
       # third more compute for a much smaller activation footprint.
       return nnx.remat(CAB.forward)(self, x)
-    if self.remat == 'convs':
+    if self.remat in ('convs', 'runs'):
       # Keep the two conv outputs, recompute PReLU and channel attention: little extra compute,
-      # fewer saved activations than XLA's default.
-      policy = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
-      return nnx.remat(CAB.forward, policy=policy)(self, x)
+      # fewer saved activations than XLA's default. (A CAB called on its own is a run of one.)
+      return nnx.remat(CAB.forward, policy=_KEEP_CONV_OUTPUTS)(self, x)
     return self.forward(x)
 
 
+_KEEP_CONV_OUTPUTS = jax.checkpoint_policies.save_only_these_names(CONV_OUTPUT)
+
+
+def _apply_in_order(layers, x):
+  for layer in layers:
+    x = layer.forward(x) if isinstance(layer, CAB) else layer(x)
+  return x
+
+
 def run_sequence(layers, x):
-  """Applies the entries of an nnx.List in order (PyTorch's nn.Sequential)."""
+  """Applies the entries of an nnx.List in order (PyTorch's nn.Sequential).
+
+  When its CABs use the 'runs' rematerialisation, the whole list is one rematerialised region
+  that keeps only its input and the CABs' conv outputs: a block's input is the previous block's
+  conv output passed through channel attention (a mean and two 1x1 convs on one pixel per
+  image) and a residual add, so recomputing it costs no full-size convolution and saves one
+  activation per block against 'convs'.
+  """
+  if any(isinstance(layer, CAB) and layer.remat == 'runs' for layer in layers):
+    return nnx.remat(_apply_in_order, policy=_KEEP_CONV_OUTPUTS)(layers, x)
   for layer in layers:
     x = layer(x)
   return x

@@ -114,8 +114,8 @@ class MPRNet(nnx.Module):
 
   Build it from a task preset (`MPRNet('deraining')`) or explicit sizes; `dtype` is the compute
   dtype (e.g. jnp.bfloat16), `param_dtype` that of the parameters, `remat` recomputes parts of
-  each CAB in the backward pass to save memory ('convs': the elementwise work, True/'full':
-  everything but the block's input).
+  each CAB in the backward pass to save memory ('convs': the elementwise work; 'runs': that and
+  the inputs of the blocks inside a run of CABs; True/'full': everything but the block's input).
   """
 
   def __init__(self, task: str | None = None, *, n_feat: int | None = None,
@@ -156,7 +156,7 @@ class MPRNet(nnx.Module):
     self.tail = conv(n + cfg.scale_orsnetfeats, cfg.out_c, k, bias=b, **kwargs)
 
   def set_remat(self, remat: bool | str) -> None:
-    """Sets the rematerialisation of every CAB: False/'none', 'convs' or True/'full'."""
+    """Sets the rematerialisation of every CAB: False/'none', 'convs', 'runs' or True/'full'."""
     mode = normalize_remat(remat)
     for _, module in nnx.iter_graph(self):
       if isinstance(module, CAB):
