@@ -292,11 +292,19 @@ def _load_zip(f, name):
         raise CheckpointError(f"{name}: unknown byteorder {byteorder!r}")
     up = _Unpickler(io.BytesIO(zf.read(pkls[0])), name, legacy=False)
     obj = up.load()
+    archive_bytes = f.seek(0, io.SEEK_END)
     arrays = {}
     for key, ref in up.storages.items():  # each storage read once, however many tensors use it
       entry = f"{prefix}data/{key}"
       if entry not in names:
         raise CheckpointError(f"{name}: storage {key} missing from the archive")
+      # torch.save stores storages uncompressed, so none can be larger than the file; a
+      # compressed entry that would be is refused before it is expanded into memory.
+      expanded = zf.getinfo(entry).file_size
+      if expanded > archive_bytes:
+        raise CheckpointError(f"{name}: storage {key} would expand to {expanded} bytes, more "
+                              f"than the {archive_bytes}-byte file (a compressed archive is "
+                              "not a torch.save checkpoint)")
       arrays[key] = _storage_array(ref, zf.read(entry), byteorder, name)
     return _materialise(obj, arrays, name)
 

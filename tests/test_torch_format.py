@@ -255,6 +255,17 @@ def test_short_storage_is_truncation(tmp_path):
     load_pth(make_zip(tmp_path / "x.pth", pkl, [("0", b"\0" * 100)]))
 
 
+def test_compressed_storage_larger_than_the_file_is_refused_unread(tmp_path):
+  pkl = one_entry_dict(tensor_op("0", 4, (4,), (1,)))
+  path = tmp_path / "bomb.pth"
+  with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+    zf.writestr("ckpt/data.pkl", pkl)
+    zf.writestr("ckpt/data/0", b"\0" * (8 << 20))  # 8 MiB of zeros, about 8 KiB deflated
+  assert path.stat().st_size < (1 << 20)
+  with pytest.raises(CheckpointError, match=r"bomb.pth: storage 0 would expand to 8388608 bytes"):
+    load_pth(path)
+
+
 # ---- formats beyond the fixtures ----------------------------------------------------
 def test_strided_tensor_and_legacy_storage_view(tmp_path):
   data = np.arange(12, dtype="<f4")
