@@ -6,6 +6,12 @@ reports the median step time, images/s, peak device memory, the time of the firs
 the achieved TFLOP/s against the model's counted FLOPs (the convolutions of the forward
 pass, counted from its jaxpr; a training step counts as three forwards: the forward, and a
 backward at twice its cost).
+
+With `compile_only`, nothing runs: the step is compiled ahead of time and XLA's own account of
+its buffers is reported (`compiled.memory_analysis()`), so the memory of a configuration can be
+compared on a machine without the accelerator (on the CPU, float32 plans come out 3-12% above
+an H200's measured peaks; bfloat16 ones are not comparable, the CPU backend computing bf16
+convolutions in float32).
 """
 
 from __future__ import annotations
@@ -101,9 +107,11 @@ def _peak_memory_gib() -> float | None:
 
 def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str = 'bfloat16',
                   batch: int = 16, size='256', remat: str = 'none', steps: int = 20,
-                  warmup: int = 3, smoke: bool = False, cache_dir: str | None = None) -> dict:
+                  warmup: int = 3, smoke: bool = False, cache_dir: str | None = None,
+                  compile_only: bool = False) -> dict:
   """Times `mode` ('train' or 'inference') and returns the measurements as a dict, with a
-  one-line human summary under 'summary'."""
+  one-line human summary under 'summary'; with `compile_only`, compiles without running and
+  reports the compile time and XLA's buffer sizes instead."""
   if mode not in ('train', 'inference'):
     raise ValueError(f'mode must be train or inference, got {mode!r}')
   compute = compute_dtype(dtype)
@@ -131,6 +139,7 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
     step = make_train_step(graphdef, config, steps_per_epoch=1000, parallel='none')
     batch_arrays = {'input': inputs, 'target': jax.random.uniform(keys[1], shape, jnp.float32)}
     holder = {'state': state}
+    jitted, args = step, (state, batch_arrays, keys[1])
 
     def call():
       holder['state'], metrics = step(holder['state'], batch_arrays, keys[1])
@@ -140,19 +149,25 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
   else:
     graphdef, params = nnx.split(model)
     forward = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x)[0])
+    jitted, args = forward, (params, inputs)
 
     def call():
       return forward(params, inputs)
 
     step_flops = flops
 
+  description = (f'{mode} {task} {dtype} batch {batch} {height}x{width} remat={remat} on '
+                 f'{jax.devices()[0].device_kind}')
+  if compile_only:
+    return _compile_report(jitted, args, description, dict(
+        mode=mode, task=task, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
+        smoke=smoke, model_tflop_per_step=float(f'{step_flops / 1e12:.4g}')))
+
   first, times = _time_calls(call, steps, warmup)
   median = statistics.median(times)
   result = {
       'mode': mode, 'task': task, 'dtype': dtype, 'batch': batch, 'size': f'{height}x{width}',
-      'remat': remat, 'smoke': smoke, 'device': jax.devices()[0].device_kind,
-      'platform': jax.default_backend(), 'jax': jax.__version__,
-      'flax': __import__('flax').__version__, 'python': platform.python_version(),
+      'remat': remat, 'smoke': smoke, **_environment(),
       'first_call_s': round(first, 3), 'median_step_ms': round(1e3 * median, 3),
       'images_per_s': round(batch / median, 2), 'peak_memory_gib': _peak_memory_gib(),
       'model_tflop_per_step': float(f'{step_flops / 1e12:.4g}'),
@@ -161,11 +176,37 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
   }
   memory = result['peak_memory_gib']
   result['summary'] = (
-      f'{mode} {task} {dtype} batch {batch} {height}x{width} remat={remat} on '
-      f'{result["device"]}: {result["median_step_ms"]:.1f} ms/step (median of {steps}), '
+      f'{description}: {result["median_step_ms"]:.1f} ms/step (median of {steps}), '
       f'{result["images_per_s"]:.1f} images/s, first call {first:.1f} s, peak memory '
       f'{"n/a" if memory is None else f"{memory:.1f} GiB"}, '
       f'{result["achieved_tflops"]} TFLOP/s achieved')
+  return result
+
+
+def _environment() -> dict:
+  return {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
+          'jax': jax.__version__, 'flax': __import__('flax').__version__,
+          'python': platform.python_version()}
+
+
+def _compile_report(jitted, args, description: str, fields: dict) -> dict:
+  """Compiles `jitted` for `args` without running it; compile time and XLA's buffer sizes."""
+  start = time.perf_counter()
+  lowered = jitted.lower(*args)
+  compiled = lowered.compile()
+  seconds = time.perf_counter() - start
+  memory = compiled.memory_analysis()
+  gib = lambda name: round(getattr(memory, name, 0) / 2**30, 3) if memory is not None else None
+  result = {**fields, **_environment(), 'compile_only': True,
+            'compile_s': round(seconds, 2), 'xla_temp_gib': gib('temp_size_in_bytes'),
+            'xla_argument_gib': gib('argument_size_in_bytes'),
+            'xla_output_gib': gib('output_size_in_bytes')}
+  total = None if memory is None else (
+      result['xla_temp_gib'] + result['xla_argument_gib'] + result['xla_output_gib'])
+  result['xla_total_gib'] = None if total is None else round(total, 3)
+  result['summary'] = (f'{description}: compiled in {seconds:.1f} s (not run); XLA buffers: '
+                       f'{result["xla_temp_gib"]} GiB temporaries, {total and round(total, 2)} '
+                       'GiB in all')
   return result
 
 
@@ -181,23 +222,42 @@ GPU_SUITE = (
     dict(mode='train', dtype='float32', batch=16, size='256', remat='full'),
 )
 
+# Levers not yet measured on a GPU, against the same-session baseline (first row). A row with
+# `fresh_cache` compiles cold in an empty cache of its own; `xla_flags` are added to XLA_FLAGS.
+LEVER_SUITE = (
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none'),
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='runs'),
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='convs'),
+    dict(mode='train', dtype='float32', batch=16, size='256', remat='runs'),
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none', fresh_cache=True,
+         xla_flags='--xla_gpu_autotune_level=2'),
+)
+
+SUITES = {'table': GPU_SUITE, 'levers': LEVER_SUITE}
+
 
 def run_suite(out_path: str, *, cache_dir: str, steps: int = 10, warmup: int = 2,
-              timeout_s: int = 240, smoke: bool = False) -> list[dict]:
-  """Runs every GPU_SUITE row in its own process (fresh peak-memory counters, honest compile
-  times) and appends each result to `out_path` as a JSON line as soon as it is known."""
+              timeout_s: int = 240, smoke: bool = False, suite: str = 'table') -> list[dict]:
+  """Runs every row of `SUITES[suite]` in its own process (fresh peak-memory counters, honest
+  compile times) and appends each result to `out_path` as a JSON line as soon as it is known."""
   import json
   import os
   import subprocess
   import sys
+  import tempfile
 
-  env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.95')
+  if suite not in SUITES:
+    raise ValueError(f'suite must be one of {", ".join(SUITES)}, got {suite!r}')
   results = []
-  for row in GPU_SUITE:
+  for row in SUITES[suite]:
+    env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.95')
+    if row.get('xla_flags'):
+      env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {row["xla_flags"]}'.strip()
+    row_cache = tempfile.mkdtemp(prefix='mprnet-cold-') if row.get('fresh_cache') else cache_dir
     argv = [sys.executable, '-m', 'mprnet_jax.cli', 'benchmark', '--json', '--mode', row['mode'],
             '--dtype', row['dtype'], '--batch', str(row['batch']), '--size', row['size'],
             '--remat', row['remat'], '--steps', str(steps), '--warmup', str(warmup),
-            '--cache-dir', cache_dir] + (['--smoke'] if smoke else [])
+            '--cache-dir', row_cache] + (['--smoke'] if smoke else [])
     try:
       done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
       lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
@@ -205,6 +265,8 @@ def run_suite(out_path: str, *, cache_dir: str, steps: int = 10, warmup: int = 2
           **row, 'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:300]}
     except subprocess.TimeoutExpired:
       result = {**row, 'error': f'timed out after {timeout_s} s'}
+    if row.get('xla_flags'):
+      result['xla_flags'] = row['xla_flags']
     results.append(result)
     with open(out_path, 'a') as f:
       f.write(json.dumps(result) + '\n')

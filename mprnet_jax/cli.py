@@ -98,11 +98,12 @@ def _benchmark(args) -> None:
   if args.suite:
     import tempfile
     run_suite(args.suite, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix='mprnet-cache-'),
-              steps=args.steps, warmup=args.warmup, smoke=args.smoke)
+              steps=args.steps, warmup=args.warmup, smoke=args.smoke, suite=args.suite_rows)
     return
   result = run_benchmark(mode=args.mode, task=args.task, dtype=args.dtype,
                          batch=args.batch, size=args.size, remat=args.remat, steps=args.steps,
-                         warmup=args.warmup, smoke=args.smoke, cache_dir=args.cache_dir)
+                         warmup=args.warmup, smoke=args.smoke, cache_dir=args.cache_dir,
+                         compile_only=args.compile_only)
   print(json.dumps(result) if args.json else result['summary'])
 
 
@@ -168,10 +169,16 @@ def build_parser() -> argparse.ArgumentParser:
                       "around the convs (per block, or per run of blocks: 'runs'), or "
                       "everything but each block's input")
   p.add_argument('--suite', metavar='OUT.jsonl',
-                 help='run every row of BENCHMARKS.md, each in its own process, into OUT.jsonl')
+                 help='run every row of a suite, each in its own process, into OUT.jsonl')
+  p.add_argument('--suite-rows', choices=['table', 'levers'], default='table',
+                 help="the suite: 'table' (the rows of BENCHMARKS.md) or 'levers' (options "
+                      'still to be measured on a GPU)')
   p.add_argument('--steps', type=int, default=20, help='timed steps')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
   p.add_argument('--smoke', action='store_true', help='tiny model, CPU-sized: checks the harness')
+  p.add_argument('--compile-only', action='store_true',
+                 help="compile without running; report compile time and XLA's buffer sizes "
+                      '(memory of a configuration, on any machine)')
   p.add_argument('--cache-dir', help='persistent compilation cache folder')
   p.add_argument('--json', action='store_true', help='print the result as JSON')
   return parser

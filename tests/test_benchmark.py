@@ -23,3 +23,27 @@ def test_benchmark_smoke_reports_every_field(mode, capsys):
 def test_benchmark_rejects_bad_size(capsys):
   assert main(['benchmark', '--size', '250']) == 2
   assert 'multiples of 8' in capsys.readouterr().err
+
+
+def test_compile_only_reports_xla_buffers_without_running(capsys):
+  assert main(['benchmark', '--smoke', '--json', '--mode', 'inference', '--compile-only']) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert result['compile_only'] is True and 'median_step_ms' not in result
+  assert result['compile_s'] > 0 and result['xla_total_gib'] > 0
+
+
+def test_suite_runs_each_row_in_its_own_process_with_its_flags(tmp_path, monkeypatch):
+  from mprnet_jax import benchmark
+
+  row = dict(mode='inference', dtype='float32', batch=1, size='32', remat='none',
+             fresh_cache=True, xla_flags='--xla_cpu_enable_fast_math=false')
+  monkeypatch.setitem(benchmark.SUITES, 'levers', (row,))
+  out = tmp_path / 'levers.jsonl'
+  results = benchmark.run_suite(str(out), cache_dir=str(tmp_path / 'cache'), smoke=True,
+                                suite='levers', timeout_s=120)
+  assert len(results) == 1 and 'error' not in results[0], results
+  written = [json.loads(line) for line in out.read_text().splitlines()]
+  assert written == results
+  assert written[0]['xla_flags'] == row['xla_flags'] and written[0]['mode'] == 'inference'
+  # The row compiled in a fresh cache of its own, not in the shared one.
+  assert not (tmp_path / 'cache').exists()
