@@ -70,7 +70,10 @@ def compute_dtype(config):
 
 def _remat(config) -> str:
   model_config = config.get('model', None)
-  return normalize_remat(model_config.get('remat', False) if model_config is not None else False)
+  try:
+    return normalize_remat(model_config.get('remat', False) if model_config is not None else False)
+  except ValueError as error:
+    raise ValueError(f'config.model.{error}') from None
 
 
 def _model_from_config(config, seed: int) -> MPRNet:

@@ -152,11 +152,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
     raise ValueError(f'batch_size {config.batch_size} does not divide over {processes} processes')
   local_batch = config.batch_size // processes
 
-  if main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-
   train_source, val_source = build_sources(config)
   steps_per_epoch = (len(train_source) // processes) // local_batch
   if steps_per_epoch < 1:
@@ -175,6 +170,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   model = build_model(config)
   graphdef, state = step_lib.create_train_state(model, config, steps_per_epoch, config.seed)
+  # Written only once the data and the model accept the config: a bad value must not replace
+  # the config.json of a run it was meant to resume.
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
   checkpointer = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                                    model_config=model.config.to_dict(),
                                    experiment_config=config_to_dict(config))

@@ -223,3 +223,8 @@ def test_cli_train_runs_an_experiment_and_resumes(tmp_path, capsys):
   assert 'Resuming from step 2' in capsys.readouterr().out
   assert main(argv[:-1] + ['--config.num_stepz=3']) == 2
   assert "unknown config field 'num_stepz'" in capsys.readouterr().err
+  # A value the model refuses is one line naming the field, and the run's files stay as they were.
+  saved = (tmp_path / 'config.json').read_text()
+  assert main(argv[:-1] + ['--config.model.remat=partial']) == 2
+  assert 'config.model.remat must be one of none, convs, runs, full' in capsys.readouterr().err
+  assert (tmp_path / 'config.json').read_text() == saved
