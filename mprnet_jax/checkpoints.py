@@ -5,7 +5,11 @@ Layout: `<workdir>/checkpoints/<step>/` with the orbax items
 - `params`: the model parameters (an `nnx.State`), restorable alone (`load_model_from_workdir`);
 - `train`: every other field of the `TrainState` (opt_state, step, rng, non-finite counters);
 - `data`: the grain iterator state, one JSON file per process (grain's orbax handler);
-- `config`: JSON {'model': MPRNet sizes, 'experiment': the experiment config}.
+- `config`: JSON {'model': MPRNet sizes, 'experiment': the experiment config, 'state_layout': a
+  fingerprint of the training state's tree, shapes and dtypes}.
+A run resumed with settings that change that layout (another optimiser, weight decay switched
+on or off, another version's state) is refused with a one-line error before anything is moved;
+only a checkpoint that cannot be read is set aside.
 A checkpoint saved with a validation PSNR carries it as orbax metrics; the one with the highest
 PSNR is kept whatever its age.
 
@@ -98,6 +102,16 @@ def _train_fields(state) -> dict[str, Any]:
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'params'}
 
 
+def state_layout(state) -> str:
+  """A short fingerprint of what a TrainState holds: its tree (optax state types included),
+  and every leaf's shape and dtype. Two states restore into each other iff these agree."""
+  import hashlib
+
+  leaves, treedef = jax.tree_util.tree_flatten(_abstract(state))
+  text = repr((str(treedef), [(tuple(a.shape), str(a.dtype)) for a in leaves]))
+  return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 class TrainCheckpointer:
   """Saves and restores `(TrainState, loader state)` under `<workdir>/checkpoints`.
 
@@ -138,7 +152,7 @@ class TrainCheckpointer:
         params=ocp.args.StandardSave(state.params),
         train=ocp.args.StandardSave(_train_fields(state)),
         data=_grain_save(_IteratorSnapshot(loader_state)),
-        config=ocp.args.JsonSave(self._config))
+        config=ocp.args.JsonSave({**self._config, 'state_layout': state_layout(state)}))
     metrics = {'psnr': float(psnr)} if psnr is not None else None
     return self._manager.save(step, args=args, metrics=metrics, force=True)
 
@@ -160,7 +174,14 @@ class TrainCheckpointer:
     A checkpoint that fails to restore (truncated or missing files) is reported with a
     warning, moved aside to `<step>.corrupt`, and the previous one is tried.
     """
+    expected = state_layout(target_state)
     for step in sorted(self._manager.all_steps(), reverse=True):
+      saved = self._saved_layout(step)
+      if saved is not None and saved != expected:
+        raise ValueError(
+            f'checkpoint {self.directory / str(step)} holds a training state of another layout '
+            '(a different optimiser or weight decay, or another mprnet-jax version): resume '
+            'with the settings it was trained with, or train in a new workdir')
       try:
         state, loader_state = self.restore_step(step, target_state)
         return state, loader_state, step
@@ -173,6 +194,16 @@ class TrainCheckpointer:
           warnings.warn(message, RuntimeWarning, stacklevel=2)
         self._set_aside(step)
     return None
+
+  def _saved_layout(self, step: int) -> str | None:
+    """The state-layout fingerprint a checkpoint was saved with; None if unreadable or absent
+    (then restoring it decides)."""
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(
+          config=ocp.args.JsonRestore()))
+      return restored['config'].get('state_layout')
+    except Exception:  # an unreadable config: the restore below reports the checkpoint
+      return None
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:

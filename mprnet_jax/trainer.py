@@ -170,12 +170,6 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   model = build_model(config)
   graphdef, state = step_lib.create_train_state(model, config, steps_per_epoch, config.seed)
-  # Written only once the data and the model accept the config: a bad value must not replace
-  # the config.json of a run it was meant to resume.
-  if main:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
-      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
   checkpointer = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                                    model_config=model.config.to_dict(),
                                    experiment_config=config_to_dict(config))
@@ -187,6 +181,12 @@ def train(config, workdir: str | os.PathLike) -> dict:
       data_lib.restore_loader(iterator, saved_loader_state)
       say(f'Resuming from step {resumed_from} in {checkpointer.directory}')
   start_step = int(state.step)
+  # Written only once the data, the model and any checkpoint to resume accept the config: a bad
+  # value must not replace the config.json of the run it was meant to resume.
+  if main:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+      json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
 
   parallel = parallel_lib.choose_parallel(config.parallel)
   mesh = parallel_lib.make_mesh() if parallel == 'mesh' else None

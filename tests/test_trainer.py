@@ -223,8 +223,15 @@ def test_cli_train_runs_an_experiment_and_resumes(tmp_path, capsys):
   assert 'Resuming from step 2' in capsys.readouterr().out
   assert main(argv[:-1] + ['--config.num_stepz=3']) == 2
   assert "unknown config field 'num_stepz'" in capsys.readouterr().err
-  # A value the model refuses is one line naming the field, and the run's files stay as they were.
+  # Resuming with settings that change the training state's layout is refused, and nothing in
+  # the run is moved aside or overwritten.
+  checkpoints = sorted(p.name for p in (tmp_path / 'checkpoints').iterdir())
   saved = (tmp_path / 'config.json').read_text()
+  assert main(argv[:-1] + ['--config.num_steps=4', '--config.optim.weight_decay=0.001']) == 2
+  assert 'holds a training state of another layout' in capsys.readouterr().err
+  assert sorted(p.name for p in (tmp_path / 'checkpoints').iterdir()) == checkpoints
+  assert (tmp_path / 'config.json').read_text() == saved
+  # A value the model refuses is one line naming the field, and the run's files stay as they were.
   assert main(argv[:-1] + ['--config.model.remat=partial']) == 2
   assert 'config.model.remat must be one of none, convs, runs, full' in capsys.readouterr().err
   assert (tmp_path / 'config.json').read_text() == saved
