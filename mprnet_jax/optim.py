@@ -89,11 +89,6 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   before the moments (not AdamW's decoupled decay), hence `add_decayed_weights` first.
   'sgd': plain `-lr * g` (used by tests, where Adam's normalisation would hide a constant factor
   in the gradient).
-
-  Both run on all parameters flattened into one vector (`optax.flatten`): the update is
-  elementwise, so the numbers are the same, but XLA gets one update instead of one per parameter
-  tensor (about 400): the training step's program is a third shorter and compiles a third faster
-  (BENCHMARKS.md). The optimiser state holds flat vectors accordingly.
   """
   optim = config.optim
   schedule = learning_rate_schedule(config, steps_per_epoch)
@@ -101,11 +96,11 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
   weight_decay = float(optim.get('weight_decay', 0.0) or 0.0)
   decay = [optax.add_decayed_weights(weight_decay)] if weight_decay else []
   if name == 'adam':
-    return optax.flatten(optax.chain(
+    return optax.chain(
         *decay,
         optax.scale_by_adam(b1=float(optim.get('b1', 0.9)), b2=float(optim.get('b2', 0.999)),
                             eps=float(optim.get('eps', 1e-8))),
-        optax.scale_by_learning_rate(schedule)))
+        optax.scale_by_learning_rate(schedule))
   if name == 'sgd':
-    return optax.flatten(optax.chain(*decay, optax.scale_by_learning_rate(schedule)))
+    return optax.chain(*decay, optax.scale_by_learning_rate(schedule))
   raise ValueError(f"config.optim.name must be 'adam' or 'sgd', got {name!r}")
