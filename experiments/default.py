@@ -4,7 +4,7 @@
 
 Four photos train (astronaut, chelsea, rocket, hubble_deep_field), two validate (coffee,
 motorcycle: central 256x256 crops), all degraded on the fly with Gaussian noise; no download.
-About 5 minutes on a 2-core CPU (compile included); the validation line shows the PSNR of the
+About 3 minutes on a 2-core CPU (compile included); the validation line shows the PSNR of the
 restorations against that of the noisy inputs. Everything else follows the official recipe
 (Adam, warm-up + cosine, the denoising loss), scaled down.
 """
