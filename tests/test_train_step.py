@@ -107,12 +107,16 @@ def test_denoising_adam_steps_with_weight_decay_match_official(denoise_run):
   rounding) of the starting weights alone moves 1.4% of the entries by more than 1e-5 after
   three steps of our own run (channel-attention ReLUs near zero flip, and Adam's normalisation
   turns small gradient changes into lr-sized updates); the perturbed run happened to match the
-  fixture at 99.99%. So the bulk criterion here is 98% (measured 98.9% to 99.4%), with the same bound on
-  the worst entry, and the entries that weight decay alone moves are checked tightly."""
+  fixture at 99.99%. How many entries land within 1e-5 also depends on how the XLA version
+  fuses the same maths: 98.9% to 99.4% with jax 0.12, 96.1% with jax 0.10.2 (the oldest jax
+  this package supports), and there not only where gradients are small (98.6% of the entries
+  whose gradient is over a tenth of their tensor's largest). So the bulk criterion is 95%, with
+  the same bound on the worst entry, exact losses, and a tight check of the entries that weight
+  decay alone moves."""
   run = denoise_run
   check_losses_and_keys(run)
   assert 'edge_sum' not in run.metrics[0]
-  assert (run.diff <= 1e-5).mean() >= 0.98, (run.diff <= 1e-5).mean()
+  assert (run.diff <= 1e-5).mean() >= 0.95, (run.diff <= 1e-5).mean()
   assert run.diff.max() <= 1.2e-3, run.diff.max()
   # Where the official gradient is exactly zero, only the L2 term (1e-8 * w, added before Adam)
   # moves a weight, by about lr * w / (|w| + 1) per step; without it they would not move.
@@ -120,7 +124,8 @@ def test_denoising_adam_steps_with_weight_decay_match_official(denoise_run):
   start = to_pytorch_state_dict(run.model)
   moved = np.concatenate([np.abs(run.ref[f'after3/{k}'] - start[k]).ravel() for k in run.keys])
   assert zero_grad.sum() > 1000 and np.median(moved[zero_grad]) > 1e-5
-  assert (run.diff[zero_grad] <= 1e-5).mean() >= 0.999
+  # (5,696 such entries: 2 are off by more than 1e-5 with jax 0.12, 7 with jax 0.10.2.)
+  assert (run.diff[zero_grad] <= 1e-5).mean() >= 0.998
 
 
 def test_nonfinite_step_is_skipped(deblur_run):
