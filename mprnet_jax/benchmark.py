@@ -195,19 +195,16 @@ def _compile_report(jitted, args, description: str, fields: dict) -> dict:
   lowered = jitted.lower(*args)
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
-  memory = compiled.memory_analysis()
-  gib = lambda name: round(getattr(memory, name, 0) / 2**30, 3) if memory is not None else None
-  result = {**fields, **_environment(), 'compile_only': True,
-            'compile_s': round(seconds, 2), 'xla_temp_gib': gib('temp_size_in_bytes'),
-            'xla_argument_gib': gib('argument_size_in_bytes'),
-            'xla_output_gib': gib('output_size_in_bytes')}
-  total = None if memory is None else (
-      result['xla_temp_gib'] + result['xla_argument_gib'] + result['xla_output_gib'])
-  result['xla_total_gib'] = None if total is None else round(total, 3)
-  result['summary'] = (f'{description}: compiled in {seconds:.1f} s (not run); XLA buffers: '
-                       f'{result["xla_temp_gib"]} GiB temporaries, {total and round(total, 2)} '
-                       'GiB in all')
-  return result
+  memory = compiled.memory_analysis()  # None where the backend does not report one
+  sizes = {f'xla_{kind}_gib': None if memory is None else
+           round(getattr(memory, f'{kind}_size_in_bytes') / 2**30, 3)
+           for kind in ('temp', 'argument', 'output')}
+  total = None if memory is None else round(sum(sizes.values()), 3)
+  summary = (f'{description}: compiled in {seconds:.1f} s (not run); XLA buffers: '
+             f'{sizes["xla_temp_gib"]} GiB temporaries, '
+             f'{None if total is None else round(total, 2)} GiB in all')
+  return {**fields, **_environment(), 'compile_only': True, 'compile_s': round(seconds, 2),
+          **sizes, 'xla_total_gib': total, 'summary': summary}
 
 
 # The rows of BENCHMARKS.md, in the order they are worth measuring when time is short. The

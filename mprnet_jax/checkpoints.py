@@ -20,6 +20,7 @@ path); only process 0 prints.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -105,8 +106,6 @@ def _train_fields(state) -> dict[str, Any]:
 def state_layout(state) -> str:
   """A short fingerprint of what a TrainState holds: its tree (optax state types included),
   and every leaf's shape and dtype. Two states restore into each other iff these agree."""
-  import hashlib
-
   leaves, treedef = jax.tree_util.tree_flatten(_abstract(state))
   text = repr((str(treedef), [(tuple(a.shape), str(a.dtype)) for a in leaves]))
   return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -120,13 +120,6 @@ def create_train_state(model: MPRNet | None, config, steps_per_epoch: int,
   return graphdef, jax.tree.map(jnp.copy, state)
 
 
-def _flat(tree) -> jax.Array:
-  """All leaves of `tree` as one vector. Checks over the gradients run on this: one reduction
-  instead of one per parameter tensor (about 400), which made XLA's compile of the step three
-  times longer (BENCHMARKS.md)."""
-  return jax.flatten_util.ravel_pytree(tree)[0]
-
-
 def _check_parallel(parallel: str, mesh) -> None:
   if parallel not in PARALLEL_MODES:
     raise ValueError(f'parallel must be one of {", ".join(PARALLEL_MODES)}, got {parallel!r}')
@@ -181,7 +174,9 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
       # is the gradient of the global mean.
       grads = jax.lax.pmean(grads, axis)
       terms = jax.lax.pmean(terms, axis)
-    flat_grads = _flat(grads)
+    # The checks run on all gradients as one vector: one reduction instead of one per parameter
+    # tensor (about 400), which made XLA's compile of the step four times longer (BENCHMARKS.md).
+    flat_grads = jax.flatten_util.ravel_pytree(grads)[0]
     ok = jnp.isfinite(terms['loss']) & jnp.isfinite(flat_grads).all()
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -198,7 +193,7 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
         skipped_total=state.skipped_total + skipped)
     metrics = {k: v.astype(jnp.float32) for k, v in terms.items()}
     metrics['lr'] = jnp.asarray(schedule(state.step - state.skipped_total), jnp.float32)
-    metrics['grad_norm'] = jnp.sqrt(jnp.sum(jnp.square(flat_grads))).astype(jnp.float32)
+    metrics['grad_norm'] = jnp.linalg.norm(flat_grads).astype(jnp.float32)
     metrics['nonfinite'] = skipped.astype(jnp.float32)
     return new_state, metrics
 
