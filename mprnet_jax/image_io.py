@@ -19,6 +19,8 @@ import numpy as np
 import tifffile
 from PIL import Image
 
+from mprnet_jax.errors import ImageError
+
 try:  # optional: a fast 16-bit PNG decoder; the NumPy fallback below is exact but slow
   import imagecodecs
 except ImportError:  # pragma: no cover - depends on the environment
@@ -29,10 +31,6 @@ __all__ = ['ImageError', 'ImageInfo', 'read_image', 'write_image', 'list_images'
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 _WRITE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
 _PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
-
-
-class ImageError(ValueError):
-  """A one-line message naming the file and what is wrong with it."""
 
 
 @dataclasses.dataclass(eq=False)

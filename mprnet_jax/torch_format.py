@@ -41,8 +41,7 @@ except ImportError:  # pragma: no cover
 __all__ = ["CheckpointError", "load_pth", "save_pth"]
 
 
-class CheckpointError(ValueError):
-  """A checkpoint could not be read or written; the message names the file and the cause."""
+from mprnet_jax.errors import CheckpointError  # noqa: E402  (re-exported here, as before)
 
 
 # Storage class names and dtype names -> numpy dtype. None = unsupported here.
