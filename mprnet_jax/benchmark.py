@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from mprnet_jax.configs import base as base_config
 from mprnet_jax.layers import normalize_remat
 from mprnet_jax.model import MPRNet, compute_dtype
 
@@ -41,18 +42,16 @@ def _parse_size(size) -> tuple[int, int]:
 
 
 def benchmark_config(task: str, batch: int, dtype: str, remat: str) -> ml_collections.ConfigDict:
-  """The official training recipe's optimiser and loss for `task`, as a step config."""
-  config = ml_collections.ConfigDict()
-  config.task = task
+  """The official training recipe of `task` (the packaged base config), at this batch, dtype
+  and remat."""
+  config = base_config.get_config()
+  config.task = config.model.task_preset = task
   config.batch_size = batch
-  config.num_epochs = 3000
-  config.mixup_start_epoch = None
-  config.max_nonfinite = 5
-  config.optim = dict(name='adam', lr=2e-4, b1=0.9, b2=0.999, eps=1e-8,
-                      weight_decay=1e-8 if task == 'denoising' else 0.0, min_lr=1e-6,
-                      warmup_epochs=3, cosine_extra_epochs=40 if task == 'denoising' else 0,
-                      schedule_unit='epoch')
-  config.model = dict(dtype=dtype, remat=remat)
+  config.model.dtype = dtype
+  config.model.remat = remat
+  if task == 'denoising':  # the official denoising recipe's L2 decay and longer cosine
+    config.optim.weight_decay = 1e-8
+    config.optim.cosine_extra_epochs = 40
   return config
 
 

@@ -50,8 +50,7 @@ def _train(args, overrides: list[str]) -> None:
   from mprnet_jax.config_loading import load_config
   from mprnet_jax.trainer import train
 
-  default = Path(__file__).resolve().parents[1] / 'experiments' / 'default.py'
-  config = load_config(args.config or default, overrides)
+  config = load_config(args.config, overrides)  # no --config: the demo in mprnet_jax/configs
   result = train(config, args.workdir)
   summary = {k: v for k, v in result.items()
              if isinstance(v, (int, str)) or (isinstance(v, float) and np.isfinite(v))}
@@ -144,8 +143,6 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--output', required=True, help='output folder (never an input)')
   p.add_argument('--format', choices=['png', 'jpg', 'tif'], help='output format (default: same)')
   _add_inference_options(p)
-  # Folders of mixed sizes: 64-pixel buckets compile far fewer shapes than the exact padding.
-  p.set_defaults(bucket=64)
 
   p = commands.add_parser('evaluate', help='PSNR/SSIM on a paired folder (input/, target/)')
   p.add_argument('--data', required=True, help='folder with input/ and target/')

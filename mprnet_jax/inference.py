@@ -66,7 +66,7 @@ class Restorer:
     else:
       from mprnet_jax.weights import load_model
       model = load_model(weights, dtype=compute)
-    if compute is not None and model.dtype != compute:
+    if jnp.dtype(model.dtype) != jnp.dtype(compute):  # always the dtype asked for
       rebuilt = nnx.eval_shape(lambda: MPRNet(**model.config.to_dict(), dtype=compute))
       nnx.update(rebuilt, nnx.state(model, nnx.Param))
       model = rebuilt

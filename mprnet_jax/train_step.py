@@ -28,11 +28,12 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mprnet_jax.augment import mixup
+from mprnet_jax.builders import build_model, build_optimizer
 from mprnet_jax.losses import mprnet_loss_terms
 from mprnet_jax.model import MPRNet, MPRNetConfig
 from mprnet_jax.model import compute_dtype as model_compute_dtype
 from mprnet_jax.layers import normalize_remat
-from mprnet_jax.optim import learning_rate_schedule, make_optimizer
+from mprnet_jax.optim import learning_rate_schedule
 
 __all__ = ['TrainState', 'check_nonfinite', 'compute_dtype', 'create_train_state',
            'make_eval_step', 'make_train_step']
@@ -77,15 +78,6 @@ def _remat(config) -> str:
     raise ValueError(f'config.model.{error}') from None
 
 
-def _model_from_config(config, seed: int) -> MPRNet:
-  """A freshly initialised MPRNet: the preset of `config.task`, overridden by any size fields
-  (n_feat, num_cab, ...) present in `config.model`."""
-  model_config = config.get('model', None) or {}
-  sizes = {f: model_config.get(f) for f in MPRNetConfig.__dataclass_fields__
-           if model_config.get(f, None) is not None}
-  return MPRNet(config.get('task', None), **sizes, rngs=nnx.Rngs(seed))
-
-
 def _graphdef_for(model_config: MPRNetConfig, config) -> tuple[nnx.GraphDef, Any]:
   """GraphDef (and abstract params) of an MPRNet of these sizes with the config's compute
   dtype and remat; built abstractly (no arrays allocated)."""
@@ -103,7 +95,7 @@ def create_train_state(model: MPRNet | None, config, steps_per_epoch: int,
   the caller's model stays usable) and must be float32.
   """
   if model is None:
-    model = _model_from_config(config, seed)
+    model = build_model(config, seed)
   _, params = nnx.split(model, nnx.Param)
   graphdef, abstract = _graphdef_for(model.config, config)
   expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
@@ -111,7 +103,7 @@ def create_train_state(model: MPRNet | None, config, steps_per_epoch: int,
   if expected != found:
     raise ValueError('the model\'s parameters do not match an MPRNet of its sizes with float32 '
                      'parameters (build it with param_dtype=float32)')
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = build_optimizer(config, steps_per_epoch)
   zero = jnp.zeros((), jnp.int32)
   state = TrainState(step=zero, params=params, opt_state=tx.init(params),
                      rng=jax.random.key(seed), nonfinite=zero, skipped_total=zero)
@@ -145,7 +137,7 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
   partners come from the whole global batch.
   """
   _check_parallel(parallel, mesh)
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = build_optimizer(config, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   task = config.task
   mixup_start = config.get('mixup_start_epoch', None)

@@ -24,16 +24,15 @@ STEPS_PER_EPOCH = 1000  # all steps in epoch 0: a constant learning rate (no war
 
 
 def tiny_config(optimizer: str = 'adam', lr: float = 2e-4) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.task = 'deblurring'
+  """The packaged base config with a constant learning rate over the test's steps."""
+  from mprnet_jax.configs import base
+  config = base.get_config()
   config.batch_size = GLOBAL_BATCH
   config.num_epochs = 10
-  config.mixup_start_epoch = None
   config.max_nonfinite = 5
-  config.optim = ml_collections.ConfigDict(dict(
-      name=optimizer, lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, min_lr=1e-6,
-      warmup_epochs=0, cosine_extra_epochs=0, schedule_unit='epoch'))
-  config.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
+  config.optim.name = optimizer
+  config.optim.lr = lr
+  config.optim.warmup_epochs = 0
   return config
 
 
