@@ -17,12 +17,16 @@ from typing import Any
 
 import grain
 import numpy as np
+import skimage.data
+from absl import flags
 from PIL import Image
+from scipy import ndimage, signal
 
 from mprnet_jax import augment
-from mprnet_jax.shards import ShardSource, TfdsSource  # re-exported: one place for sources
+from mprnet_jax.errors import DataError
+from mprnet_jax.shards import ShardSource  # re-exported: one place for the training sources
 
-__all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource', 'TfdsSource',
+__all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource',
            'BUNDLED_PHOTOS', 'VALIDATION_PHOTOS', 'load_bundled_photos', 'bundled_photo_split',
            'degrade', 'make_train_loader', 'make_eval_batches', 'loader_state', 'restore_loader']
 
@@ -104,12 +108,10 @@ VALIDATION_PHOTOS = ('coffee', 'motorcycle')  # fixed, so validation PSNR compar
 
 def load_bundled_photos(names: Sequence[str] = BUNDLED_PHOTOS) -> dict[str, np.ndarray]:
   """The named scikit-image photos as uint8 (H, W, 3) arrays, read offline."""
-  import skimage.data
-
   photos = {}
   for name in names:
     if name not in BUNDLED_PHOTOS:
-      raise ValueError(f'unknown bundled photo {name!r}; choose from {BUNDLED_PHOTOS}')
+      raise DataError(f'unknown bundled photo {name!r}; choose from {BUNDLED_PHOTOS}')
     # motorcycle: the left view of the stereo pair (the right one is nearly the same photo).
     image = skimage.data.stereo_motorcycle()[0] if name == 'motorcycle' else getattr(
         skimage.data, name)()
@@ -142,7 +144,6 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, *,
   """A degraded copy of uint8 (H, W, 3): Gaussian noise (sigma on the 0-255 scale), Gaussian
   blur, motion blur (random line kernel), or 'mixed' (one of the three). Ranges are uniform
   [low, high]. Blurs reflect at the borders; the result is rounded and clipped to uint8."""
-  from scipy import ndimage, signal
 
   if kind == 'mixed':
     kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
@@ -161,7 +162,7 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, *,
     # FFT: a 21x21 kernel over a photo is ~10x faster than direct convolution.
     out = signal.fftconvolve(padded, kernel[..., None], mode='valid', axes=(0, 1))
   else:
-    raise ValueError(f'unknown degradation {kind!r}; choose from {DEGRADATIONS + ("mixed",)}')
+    raise DataError(f'unknown degradation {kind!r}; choose from {DEGRADATIONS + ("mixed",)}')
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -180,11 +181,11 @@ class SyntheticSource:
     if not isinstance(images, Mapping):
       images = {f'image{i:04d}': im for i, im in enumerate(images)}
     if not images:
-      raise ValueError('SyntheticSource needs at least one image')
+      raise DataError('SyntheticSource needs at least one image')
     self.names = list(images)
     self.images = [np.ascontiguousarray(im, dtype=np.uint8) for im in images.values()]
     if degradation not in DEGRADATIONS + ('mixed',):
-      raise ValueError(f'unknown degradation {degradation!r}')
+      raise DataError(f'unknown degradation {degradation!r}')
     self.degradation, self.seed, self.variants, self.ranges = degradation, seed, variants, ranges
 
   def __len__(self) -> int:
@@ -217,7 +218,6 @@ def _unwrap_one(batch_of_one: dict) -> dict:
 def _mark_absl_flags_parsed():
   # grain reads absl flags in its worker processes; outside `absl.app.run` they are
   # unparsed and every read raises. Marking them parsed keeps the defaults.
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -243,12 +243,12 @@ def make_train_loader(source, *, batch_size: int, patch_size: int, seed: int,
     num_epochs: None repeats forever. Batches may straddle epoch boundaries.
   """
   if augment not in ('deblur', 'plain'):
-    raise ValueError(f"augment must be 'deblur' or 'plain', got {augment!r}")
+    raise DataError(f"augment must be 'deblur' or 'plain', got {augment!r}")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in 0..{shard_count - 1}')
   per_shard = len(source) // shard_count
   if per_shard < batch_size:
-    raise ValueError(f'{len(source)} examples over {shard_count} processes is fewer than '
+    raise DataError(f'{len(source)} examples over {shard_count} processes is fewer than '
                      f'one batch of {batch_size} per process')
   _mark_absl_flags_parsed()
   shuffle_seed, augment_seed = np.random.SeedSequence([seed, shard_index]).generate_state(2)

@@ -147,14 +147,10 @@ def train(config, workdir: str | os.PathLike) -> dict:
 
   parallel = parallel_lib.choose_parallel(config.parallel)
   mesh = parallel_lib.make_mesh() if parallel == 'mesh' else None
-  if parallel == 'none':
-    # Restored arrays are committed to a device; commit fresh ones too, so a resumed run
-    # hits the compilation cache of the first instead of compiling the step again.
-    state = jax.device_put(state, jax.local_devices()[0])
   state = parallel_lib.place_state(state, parallel, mesh)
   step_fn = step_lib.make_train_step(graphdef, config, steps_per_epoch, parallel=parallel,
                                      mesh=mesh)
-  eval_fn = step_lib.make_eval_step(graphdef, config, parallel='none')
+  eval_fn = step_lib.make_eval_step(graphdef, config)
   logger = MetricsLogger(workdir, enabled=main)
   logger.truncate_after(start_step)
   say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '

@@ -66,9 +66,9 @@ def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS):
   if jax.process_count() > 1:
     # Compile everywhere first, then start together: gloo gives up connecting the processes
     # after ~30 s, less than one process may take longer than another to compile.
+    from jax.experimental import multihost_utils
     compiled = step_fn.lower(state, batch).compile()
-    from jax._src import distributed
-    distributed.global_state.client.wait_at_barrier('mprnet_compiled', 300_000)
+    multihost_utils.sync_global_devices('mprnet_compiled')
     step_fn = lambda state, batch: compiled(state, batch, None)  # noqa: E731
   losses = []
   for _ in range(steps):
