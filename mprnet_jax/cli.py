@@ -85,6 +85,12 @@ def _evaluate(args) -> None:
                      'results folder (or Idenoised.mat) per dataset, in the same order')
   if protocol == 'dnd' and args.results is None and not args.output:
     raise ValueError('--protocol dnd writes NNNN.mat files for the DND server: give --output DIR')
+  if args.output and protocol in protocols.FOLDER_PROTOCOLS:
+    raise ValueError(f'--output is for sidd and dnd; --protocol {protocol} saves its '
+                     'restorations with --save-images DIR')
+  if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
+    raise ValueError('--save-images saves the restorations of --weights on image folders '
+                     '(sidd and dnd write theirs with --output)')
   for data_dir in args.data:  # every dataset is checked before any weights are loaded
     protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
   restorer = _restorer(args) if args.weights is not None else None

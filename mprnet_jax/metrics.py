@@ -37,7 +37,8 @@ import numpy as np
 from mprnet_jax.errors import MprnetError
 
 __all__ = ['psnr', 'ssim', 'psnr_y', 'ssim_y', 'gaussian_taps', 'rgb_to_y', 'psnr_matlab',
-           'ssim_matlab', 'realblur_align', 'realblur_masked_metrics', 'realblur_psnr_ssim']
+           'ssim_matlab', 'realblur_align', 'realblur_masked_metrics', 'realblur_psnr_ssim',
+           'require_opencv']
 
 _SIGMA = 1.5
 _TRUNCATE = 3.5  # scikit-image's default for gaussian_weights: radius int(3.5 * 1.5 + 0.5) = 5
@@ -242,10 +243,9 @@ def ssim_matlab(restored: jnp.ndarray, target: jnp.ndarray, data_range: float = 
   x, y = restored / data_range, target / data_range
   # Centre on each image's mean (the filter's weights sum to 1, padding included), so float32
   # cancellation in E[x^2] - E[x]^2 stays far below C2.
-  x = x - jnp.mean(x, axis=(-3, -2, -1), keepdims=True)
-  y = y - jnp.mean(y, axis=(-3, -2, -1), keepdims=True)
-  x_mean = jnp.mean(restored / data_range, axis=(-3, -2, -1), keepdims=True)
-  y_mean = jnp.mean(target / data_range, axis=(-3, -2, -1), keepdims=True)
+  x_mean = jnp.mean(x, axis=(-3, -2, -1), keepdims=True)
+  y_mean = jnp.mean(y, axis=(-3, -2, -1), keepdims=True)
+  x, y = x - x_mean, y - y_mean
   widths = [(0, 0)] * (x.ndim - 3) + [(radius, radius), (radius, radius), (0, 0)]
   x = jnp.pad(x, widths, mode='edge')
   y = jnp.pad(y, widths, mode='edge')
@@ -271,7 +271,8 @@ _ECC_EPS = 0.0
 _ECC_GAUSS_SIZE = 5
 
 
-def _opencv():
+def require_opencv():
+  """The cv2 module, or a one-line error naming the extra that installs it."""
   try:
     import cv2
   except ImportError:
@@ -291,7 +292,7 @@ def realblur_align(restored: np.ndarray, target: np.ndarray):
   really covers. Returns (aligned restoration * mask, target * mask, mask), float32 (H, W, 3).
   Raises cv2.error when ECC fails (e.g. on a constant image).
   """
-  cv2 = _opencv()
+  cv2 = require_opencv()
   restored = np.ascontiguousarray(restored, np.float32)
   target = np.ascontiguousarray(target, np.float32)
   if restored.shape != target.shape or restored.ndim != 3 or restored.shape[-1] != 3:

@@ -85,11 +85,10 @@ def _score_rain(restored, target):
 
 
 def _score_realblur(restored, target):
+  cv2 = metrics.require_opencv()
   try:
     return metrics.realblur_psnr_ssim(restored, target)
-  except Exception as exc:
-    if type(exc).__name__ != 'error':  # cv2.error: ECC did not converge (e.g. flat image)
-      raise
+  except cv2.error as exc:  # ECC finds no warp, e.g. on a flat image
     raise DataError(f'ECC alignment failed ({str(exc).strip().splitlines()[-1]})') from None
 
 
@@ -121,6 +120,11 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
   return found
 
 
+def _first_names(stems: list[str], paths: dict[str, Path], count: int = 5) -> str:
+  names = [paths[stem].name for stem in stems[:count]]
+  return ', '.join(names) + (', ...' if len(stems) > count else '')
+
+
 def _pair_files(data_dir, results_dir=None) -> list[tuple[Path, Path]]:
   """(source, target) pairs: `data_dir/input` (or `results_dir`) against `data_dir/target`.
 
@@ -141,12 +145,15 @@ def _pair_files(data_dir, results_dir=None) -> list[tuple[Path, Path]]:
     sources = _images_by_stem(Path(results_dir))
   targets = _images_by_stem(data_dir / 'target')
   missing = sorted(set(targets) - set(sources))
+  if results_dir is not None and missing:
+    raise DataError(f'{results_dir}: no result for {len(missing)} of the {len(targets)} images '
+                    f'of {data_dir}/target ({_first_names(missing, targets)})')
   extra = sorted(set(sources) - set(targets)) if results_dir is None else []
   if missing or extra:
-    side = 'input/' if results_dir is None else f'{results_dir}/'
-    shown = [f'{side}{n}' for n in missing] + [f'target/{n}' for n in extra]
-    raise DataError(f'{len(shown)} images in {data_dir} have no partner of the same name '
-                    f'(looked for {", ".join(shown[:5])}{", ..." if len(shown) > 5 else ""})')
+    shown = [f'target/{targets[n].name}' for n in missing] + [f'input/{sources[n].name}'
+                                                              for n in extra]
+    raise DataError(f'{len(shown)} images in {data_dir} have no partner of the same name: '
+                    f'{", ".join(shown[:5])}{", ..." if len(shown) > 5 else ""}')
   return [(sources[stem], targets[stem]) for stem in sorted(targets)]
 
 
@@ -179,7 +186,7 @@ def evaluate_pairs(protocol: str, data_dir, *, restorer=None, results_dir=None,
     _save_dir_is_safe(save_dir, data_dir, results_dir)
     save_dir.mkdir(parents=True, exist_ok=True)
   if protocol == 'realblur':
-    metrics._opencv()  # fail before any restoring when OpenCV is missing
+    metrics.require_opencv()  # fail before any restoring when OpenCV is missing
   score = _SCORERS[protocol]
   per_image = []
   for source, target_path in tqdm(pairs, desc=f'evaluate {data_dir.name}', unit='img',
@@ -332,8 +339,11 @@ def check_dataset(protocol: str, data_dir, *, weights_mode: bool = True) -> None
     for path in ([noisy_path, gt_path] if weights_mode else [gt_path]):
       if not path.is_file():
         raise DataError(f'{path}: no such file (the official SIDD validation file)')
-  elif weights_mode:
-    _pair_files(data_dir)
+  else:
+    if protocol == 'realblur':
+      metrics.require_opencv()
+    if weights_mode:
+      _pair_files(data_dir)
 
 
 def restore_dnd(data_dir, restorer, output_dir, *, batch_size: int = 8,

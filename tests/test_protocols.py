@@ -268,6 +268,11 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys, monkeypatch):
     (['--protocol', 'sidd', '--results', str(tmp_path / 'nowhere.mat'), '--data', str(sidd)],
      'nowhere.mat'),
     (['--protocol', 'gopro', '--data', str(pairs)], '--weights'),
+    (['--protocol', 'gopro', '--results', str(partial), str(partial), '--data', str(pairs)],
+     '2 --results for 1 --data'),
+    (['--protocol', 'gopro', '--weights', weights, '--data', str(pairs), '--output',
+      str(tmp_path / 'o')], '--save-images'),
+    (['--protocol', 'dnd', '--results', str(partial), '--data', str(dnd)], 'no ground truth'),
   ]
   for argv, expected in cases:
     assert main(['evaluate', *argv]) == 2, argv
