@@ -91,13 +91,16 @@ def _evaluate(args) -> None:
   if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
     raise ValueError('--save-images saves the restorations of --weights on image folders '
                      '(sidd and dnd write theirs with --output)')
+  names = [Path(d).resolve().name for d in args.data]
+  if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
+    raise ValueError('two --data folders share a name, so their --output/--save-images '
+                     'subfolders would collide; evaluate them in separate calls')
   for data_dir in args.data:  # every dataset is checked before any weights are loaded
     protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
   restorer = _restorer(args) if args.weights is not None else None
   several = len(args.data) > 1
   results = []
-  for index, data_dir in enumerate(args.data):
-    name = Path(data_dir).name or str(data_dir)
+  for index, (data_dir, name) in enumerate(zip(args.data, names)):
     output = args.output and (Path(args.output) / name if several else args.output)
     save_dir = args.save_images and (Path(args.save_images) / name if several
                                      else args.save_images)

@@ -28,7 +28,6 @@ float64 implementation of MATLAB's documented `ssim`).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
