@@ -251,6 +251,10 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys, monkeypatch):
   partial = tmp_path / 'partial'
   partial.mkdir()
   shutil.copy(pairs / 'restored' / '00.png', partial / '00.png')
+  unpaired = tmp_path / 'unpaired'
+  shutil.copytree(pairs / 'target', unpaired / 'target')
+  shutil.copytree(pairs / 'target', unpaired / 'input')
+  shutil.copy(pairs / 'target' / '00.png', unpaired / 'input' / 'extra.png')
 
   cases = [
     (['--protocol', 'sidd', '--weights', weights, '--data', str(no_variable)],
@@ -263,6 +267,7 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys, monkeypatch):
     (['--protocol', 'dnd', '--weights', weights, '--data', str(not_hdf5), '--output',
       str(tmp_path / 'o')], 'not an HDF5 file'),
     (['--protocol', 'gopro', '--results', str(partial), '--data', str(pairs)], '01'),
+    (['--protocol', 'gopro', '--weights', weights, '--data', str(unpaired)], 'input/extra.png'),
     (['--protocol', 'psnr', '--results', str(partial), '--data', str(pairs)],
      "unknown protocol 'psnr'"),
     (['--protocol', 'sidd', '--results', str(tmp_path / 'nowhere.mat'), '--data', str(sidd)],
