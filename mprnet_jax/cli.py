@@ -73,14 +73,66 @@ def _restore(args) -> None:
 
 
 def _evaluate(args) -> None:
-  from mprnet_jax.data import PairedFolderSource
-  from mprnet_jax.inference import evaluate_folder
+  from mprnet_jax import protocols
 
-  PairedFolderSource(args.data)  # check the folder before loading any weights
-  csv_path = args.csv or Path(args.data) / 'mprnet_metrics.csv'
-  summary = evaluate_folder(_restorer(args), args.data, csv_path=csv_path)
-  print(f'{summary["images"]} images: PSNR {summary["psnr"]:.4f} dB, SSIM {summary["ssim"]:.4f} '
-        f'(RGB, [0,1]; per image in {csv_path})')
+  protocol = protocols.check_protocol(args.protocol)
+  if (args.weights is None) == (args.results is None):
+    raise ValueError('give either --weights (restore DATA/input and score) or --results '
+                     '(score restorations made elsewhere)')
+  if args.results is not None and len(args.results) != len(args.data):
+    raise ValueError(f'{len(args.results)} --results for {len(args.data)} --data; give one '
+                     'results folder (or Idenoised.mat) per dataset, in the same order')
+  if protocol == 'dnd' and args.results is None and not args.output:
+    raise ValueError('--protocol dnd writes NNNN.mat files for the DND server: give --output DIR')
+  if args.output and protocol in protocols.FOLDER_PROTOCOLS:
+    raise ValueError(f'--output is for sidd and dnd; --protocol {protocol} saves its '
+                     'restorations with --save-images DIR')
+  if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
+    raise ValueError('--save-images saves the restorations of --weights on image folders '
+                     '(sidd and dnd write theirs with --output)')
+  names = [Path(d).resolve().name for d in args.data]
+  if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
+    raise ValueError('two --data folders share a name, so their --output/--save-images '
+                     'subfolders would collide; evaluate them in separate calls')
+  for data_dir in args.data:  # every dataset is checked before any weights are loaded
+    protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
+  restorer = _restorer(args) if args.weights is not None else None
+  several = len(args.data) > 1
+  results = []
+  for index, (data_dir, name) in enumerate(zip(args.data, names)):
+    output = args.output and (Path(args.output) / name if several else args.output)
+    save_dir = args.save_images and (Path(args.save_images) / name if several
+                                     else args.save_images)
+    result = protocols.evaluate_dataset(
+        protocol, data_dir, restorer=restorer, output_dir=output, save_dir=save_dir,
+        results=args.results[index] if args.results else None, batch_size=args.batch)
+    results.append(result)
+    if protocol == 'dnd':
+      print(f'{data_dir}: restored {result["images"]} images ({result["patches"]} patches) '
+            f'into {output}/NNNN.mat. DND has no public ground truth, so no score is printed: '
+            'upload these files to the DND benchmark for one')
+    else:
+      print(f'{data_dir}: {result["images"]} images: PSNR {result["psnr"]:.4f} dB, '
+            f'SSIM {result["ssim"]:.4f} ({protocol}: {protocols.PROTOCOLS[protocol]})')
+  if several and protocol != 'dnd':
+    mean = protocols.mean_row(results)
+    print(f'mean of {len(results)} datasets ({mean["images"]} images): PSNR {mean["psnr"]:.4f} '
+          f'dB, SSIM {mean["ssim"]:.4f}')
+  csv_path = args.csv
+  if csv_path is None and protocol == 'rgb' and args.weights is not None and not several:
+    csv_path = Path(args.data[0]) / 'mprnet_metrics.csv'  # where it has always been written
+  if csv_path is not None and protocol != 'dnd':
+    print(f'per image: {protocols.write_csv(csv_path, results)}')
+  if args.json:
+    print(f'JSON: {protocols.write_json(args.json, protocol, results)}')
+
+
+def _make_weights_optional(parser) -> None:
+  """`evaluate` takes --weights or --results: the shared inference options require --weights."""
+  for action in parser._actions:
+    if action.dest == 'weights':
+      action.required = False
+      action.help += ' (or --results)'
 
 
 def _export(args) -> None:
@@ -144,10 +196,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--format', choices=['png', 'jpg', 'tif'], help='output format (default: same)')
   _add_inference_options(p)
 
-  p = commands.add_parser('evaluate', help='PSNR/SSIM on a paired folder (input/, target/)')
-  p.add_argument('--data', required=True, help='folder with input/ and target/')
-  p.add_argument('--csv', help='per-image CSV (default: DATA/mprnet_metrics.csv)')
+  p = commands.add_parser(
+      'evaluate', help="score restorations under an official protocol (the paper's tables)")
+  p.add_argument('--protocol', default='rgb', metavar='P',
+                 help='rgb (default: RGB PSNR, per-channel SSIM), gopro (also HIDE), realblur, '
+                      'rain, sidd, dnd; see README "Reproducing the paper\'s numbers"')
+  p.add_argument('--data', required=True, nargs='+', metavar='DIR',
+                 help='dataset folder(s): input/ and target/ (sidd: the two official .mat '
+                      'files; dnd: info.mat and images_srgb/); several give one row each and '
+                      'their mean')
+  p.add_argument('--results', nargs='+', metavar='RES',
+                 help='instead of --weights: restorations made elsewhere, one per --data '
+                      '(a folder named like target/; sidd: Idenoised.mat or its folder)')
+  p.add_argument('--output', metavar='DIR',
+                 help='sidd: write DIR/Idenoised.mat; dnd (required): DIR/NNNN.mat per image '
+                      '(with several datasets, DIR/<dataset name>/)')
+  p.add_argument('--save-images', metavar='DIR',
+                 help='write the restorations as 8-bit PNGs named like the inputs, for '
+                      '--results later (with several datasets, DIR/<dataset name>/)')
+  p.add_argument('--csv', help='per-image CSV (default for --protocol rgb with --weights: '
+                               'DATA/mprnet_metrics.csv)')
+  p.add_argument('--json', metavar='OUT.json', help='write the results, per image, as JSON')
+  p.add_argument('--batch', type=int, default=8,
+                 help='sidd/dnd: blocks or patches restored per call')
   _add_inference_options(p)
+  _make_weights_optional(p)
 
   p = commands.add_parser('export', help='write weights for PyTorch (.pth) or .safetensors')
   p.add_argument('weights', help='our .safetensors, an official .pth, or a training workdir')

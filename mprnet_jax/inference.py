@@ -3,7 +3,6 @@ loops behind `mprnet restore` and `mprnet evaluate`."""
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from collections.abc import Iterable
@@ -15,7 +14,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mprnet_jax import metrics, tiling
+from mprnet_jax import tiling
 from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
 from mprnet_jax.model import MPRNet, compute_dtype
 
@@ -165,33 +164,15 @@ def restore_files(restorer: Restorer, inputs: Iterable[str | os.PathLike],
 
 
 def evaluate_folder(restorer: Restorer, data_dir: str | os.PathLike, *,
-                    csv_path: str | os.PathLike | None = None,
+                    csv_path: str | os.PathLike | None = None, protocol: str = 'rgb',
                     progress: bool = True) -> dict[str, float | list]:
-  """PSNR and SSIM (RGB, [0, 1]; see metrics.py) of the restorations of a paired folder
-  (`input/`, `target/`). Writes a CSV (one row per image, then the means) when asked."""
-  from mprnet_jax.data import PairedFolderSource
+  """PSNR and SSIM of the restorations of a paired folder (`input/`, `target/`) under
+  `protocol` (default 'rgb': RGB, [0, 1]; see `protocols.py`). Writes a CSV (one row per
+  image, then the means) when asked. The result also holds the rows under 'rows'."""
+  from mprnet_jax import protocols
 
-  source = PairedFolderSource(data_dir)
-  psnr_fn, ssim_fn = jax.jit(metrics.psnr), jax.jit(metrics.ssim)
-  rows = []
-  for index in tqdm(range(len(source)), desc='evaluate', unit='img', disable=not progress):
-    pair = source[index]
-    restored = restorer.restore_float(pair['input'].astype(np.float32) / 255.0)
-    # Score the 8-bit image that would be saved, as the official evaluation scripts do.
-    restored = np.round(restored * 255.0) / 255.0
-    target = pair['target'].astype(np.float32) / 255.0
-    rows.append({'name': pair['name'], 'psnr': float(psnr_fn(restored, target)),
-                 'ssim': float(ssim_fn(restored, target))})
-  summary = {'images': len(rows), 'psnr': float(np.mean([r['psnr'] for r in rows])),
-             'ssim': float(np.mean([r['ssim'] for r in rows])), 'rows': rows}
+  summary = protocols.evaluate_pairs(protocol, data_dir, restorer=restorer, progress=progress)
+  summary['rows'] = summary['per_image']
   if csv_path is not None:
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=['name', 'psnr', 'ssim'])
-      writer.writeheader()
-      writer.writerows({k: (f'{v:.6f}' if k != 'name' else v) for k, v in r.items()} for r in rows)
-      writer.writerow({'name': 'mean', 'psnr': f'{summary["psnr"]:.6f}',
-                       'ssim': f'{summary["ssim"]:.6f}'})
+    protocols.write_csv(csv_path, [summary])
   return summary
-
