@@ -127,14 +127,6 @@ def _evaluate(args) -> None:
     print(f'JSON: {protocols.write_json(args.json, protocol, results)}')
 
 
-def _make_weights_optional(parser) -> None:
-  """`evaluate` takes --weights or --results: the shared inference options require --weights."""
-  for action in parser._actions:
-    if action.dest == 'weights':
-      action.required = False
-      action.help += ' (or --results)'
-
-
 def _export(args) -> None:
   from mprnet_jax.weights import export_weights, load_model
 
@@ -158,9 +150,10 @@ def _benchmark(args) -> None:
   print(json.dumps(result) if args.json else result['summary'])
 
 
-def _add_inference_options(parser) -> None:
-  parser.add_argument('--weights', required=True,
-                      help='our .safetensors, an official .pth, or a training workdir')
+def _add_inference_options(parser, *, weights_required: bool = True) -> None:
+  parser.add_argument('--weights', required=weights_required,
+                      help='our .safetensors, an official .pth, or a training workdir'
+                           + ('' if weights_required else ' (or --results)'))
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--tile', type=int, default=None,
                       help='restore in tiles of this size (multiple of 8); default: whole '
@@ -219,8 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--json', metavar='OUT.json', help='write the results, per image, as JSON')
   p.add_argument('--batch', type=int, default=8,
                  help='sidd/dnd: blocks or patches restored per call')
-  _add_inference_options(p)
-  _make_weights_optional(p)
+  _add_inference_options(p, weights_required=False)  # evaluate takes --weights or --results
 
   p = commands.add_parser('export', help='write weights for PyTorch (.pth) or .safetensors')
   p.add_argument('weights', help='our .safetensors, an official .pth, or a training workdir')

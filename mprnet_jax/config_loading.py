@@ -180,7 +180,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'model.dtype', tuple(COMPUTE_DTYPES))
   remat = _field(config, 'model.remat')
   if remat not in REMAT_MODES and not isinstance(remat, bool):
-    raise ConfigError(f'config.model.remat must be one of {", ".join(map(repr, REMAT_MODES))}, '
+    raise ConfigError(f'config.model.remat must be one of {", ".join(REMAT_MODES)}, '
                       f'got {remat!r}')
 
   _choice(config, 'optim.name', ('adam', 'sgd'))
