@@ -178,10 +178,15 @@ def _check_memo(f, name):
     entries 0, 1, 2, ..., while CPython's unpickler sizes its memo table to the largest index
     it sees, so a LONG_BINPUT of 0x20000000 would allocate gigabytes from a few bytes."""
   start = f.tell()
-  for count, (op, arg, _) in enumerate(pickletools.genops(f)):
-    if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and (type(arg) is not int or arg > count):
-      raise CheckpointError(f"{name}: pickle memo index {arg!r} at opcode {count} is out of "
-                            "range (a corrupt or hostile file)")
+  try:
+    for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+      if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and (type(arg) is not int or arg > count):
+        raise CheckpointError(f"{name}: pickle memo index {arg!r} at opcode {count} is out of "
+                              "range (a corrupt or hostile file)")
+  except ValueError as e:  # genops' word for an unknown opcode or a stream that ends early
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{name}: truncated or corrupt pickle ({e})") from None
   f.seek(start)
 
 
