@@ -57,10 +57,13 @@ def refuse_overwriting_inputs(output, inputs: Iterable, error: type[Exception]) 
       with contextlib.suppress(OSError):
         candidates = [p for p in item.rglob('*') if p.is_file()]
     for candidate in candidates:
-      with contextlib.suppress(OSError):
-        if os.path.samefile(output, candidate):
-          raise error(f'{output}: is the input {candidate} (same file); '
-                      'refusing to write over an input')
+      try:
+        same = os.path.samefile(output, candidate)
+      except OSError:  # vanished or unreadable: cannot be what we are about to write
+        same = False
+      if same:
+        raise error(f'{output}: is the input {candidate} (same file); '
+                    'refusing to write over an input')
 
 
 @contextlib.contextmanager
