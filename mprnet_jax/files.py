@@ -66,10 +66,24 @@ def refuse_overwriting_inputs(output, inputs: Iterable, error: type[Exception]) 
                     'refusing to write over an input')
 
 
+def _umask() -> int:
+  try:  # Linux says it without changing it (os.umask can only read by setting)
+    with open('/proc/self/status') as status:
+      for line in status:
+        if line.startswith('Umask:'):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  old = os.umask(0o022)
+  os.umask(old)
+  return old
+
+
 @contextlib.contextmanager
 def atomic_output(path, error: type[Exception]) -> Iterator[Path]:
   """Yields a temporary path beside `path` (same suffix, so format-by-suffix writers work);
-  on success renames it onto `path`, on failure removes it. Created empty with 0666 & ~umask."""
+  on success gives it mode 0666 & ~umask (a writer may have replaced it with a private file)
+  and renames it onto `path`; on failure removes it."""
   path = Path(path)
   temp = path.with_name(f'.{path.stem}.partial-{secrets.token_hex(4)}{path.suffix}')
   try:
@@ -78,6 +92,7 @@ def atomic_output(path, error: type[Exception]) -> Iterator[Path]:
     raise error(f'{path}: cannot write ({exc.strerror or exc})') from None
   try:
     yield temp
+    os.chmod(temp, 0o666 & ~_umask())
     os.replace(temp, path)
   except BaseException:
     with contextlib.suppress(OSError):
