@@ -39,8 +39,8 @@ def _is_out_of_memory(error: Exception) -> bool:
 
 def _free_memory_bytes(device) -> int | None:
   """Memory free for a forward pass on `device`: the accelerator's free memory, or on the CPU
-  the system's available memory (MemAvailable), bounded by the address-space limit; None when
-  unknown."""
+  the system's available memory (MemAvailable), bounded by the container's (cgroup v2) limit
+  and the address-space limit; None when unknown."""
   if device.platform != 'cpu':
     try:
       stats = device.memory_stats() or {}
@@ -54,6 +54,13 @@ def _free_memory_bytes(device) -> int | None:
         if line.startswith('MemAvailable:'):
           free = int(line.split()[1]) * 1024
   except OSError:
+    pass
+  try:  # a container's limit, which MemAvailable (the host's) does not show
+    limit = Path('/sys/fs/cgroup/memory.max').read_text().strip()
+    if limit != 'max':
+      left = int(limit) - int(Path('/sys/fs/cgroup/memory.current').read_text())
+      free = left if free is None else min(free, left)
+  except (OSError, ValueError):
     pass
   try:
     import resource
