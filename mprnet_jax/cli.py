@@ -23,10 +23,9 @@ def _convert(args) -> None:
   import jax
 
   from mprnet_jax.conversion import from_pytorch
+  from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
   from mprnet_jax.model import count_params
   from mprnet_jax.weights import save_weights
-
-  from mprnet_jax.files import refuse_overwriting_inputs
 
   out = Path(args.out)
   if out.exists() and not args.overwrite:
@@ -37,7 +36,6 @@ def _convert(args) -> None:
   sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
   print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
   if args.reference:
-    from mprnet_jax.files import require_regular_file
     ref = np.load(require_regular_file(args.reference, FileNotFoundError, 'reference file'))
     inputs = np.asarray(ref['input']).transpose(0, 2, 3, 1)
     outputs = jax.jit(lambda m, x: m(x))(model, inputs)

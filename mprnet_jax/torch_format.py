@@ -24,6 +24,7 @@ OrderedDicts as plain dicts (order kept).
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
 import pickletools
@@ -311,7 +312,7 @@ def _tensor(t, storage, name, budget):
       raise CheckpointError(f"{name}: storage view {t.storage.view} is outside "
                             f"storage {t.storage.key}")
     s = s[off:off + n]
-  count = int(np.prod(t.size, dtype=np.int64))
+  count = math.prod(t.size)  # Python ints: an int64 product of hostile sizes could wrap
   last = t.offset + sum((n - 1) * st for n, st in zip(t.size, t.stride)) if count else 0
   if count and last >= s.size:
     raise CheckpointError(f"{name}: tensor of size {t.size} stride {t.stride} offset "

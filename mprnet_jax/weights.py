@@ -89,6 +89,8 @@ def load_model(path: str | os.PathLike, *, dtype=None) -> MPRNet:
   if path.is_dir():
     from mprnet_jax.checkpoints import load_model_from_workdir
     return load_model_from_workdir(path, dtype=dtype)
+  if not path.exists():
+    raise CheckpointError(f'{path}: no such file or directory')
   require_regular_file(path, CheckpointError, 'weight file')  # a FIFO would block open()
   if path.suffix == '.safetensors':
     return load_weights(path, dtype=dtype)

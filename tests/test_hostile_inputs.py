@@ -71,15 +71,21 @@ def zip_bomb_pth(path, inflated=1 << 30):
   return path
 
 
-def expanded_pth(path):
-  """Eight 16384 x 16384 complex128 tensors (4 GiB each) of stride 0 on one 16-byte storage."""
+def _op_long(n):
+  b = n.to_bytes((n.bit_length() + 8) // 8, 'little', signed=True)
+  return b'\x8a' + bytes([len(b)]) + b
+
+
+def expanded_pth(path, side=16384, tensors=8):
+  """`tensors` side x side complex128 tensors (4 GiB each by default) of stride 0 on one
+  16-byte storage."""
   storage = (_op_str('storage') + _op_global('torch', 'ComplexDoubleStorage') + _op_str('0')
              + _op_str('cpu') + _op_int(1))
   tensor = (_op_global('torch._utils', '_rebuild_tensor_v2') + b'((' + storage + b'tQ'
-            + _op_int(0) + _op_tuple(_op_int(16384), _op_int(16384))
+            + _op_int(0) + _op_tuple(_op_long(side), _op_long(side))
             + _op_tuple(_op_int(0), _op_int(0)) + b'\x89' + _op_global('collections', 'OrderedDict')
             + b')RtR')
-  pkl = b'\x80\x02}(' + b''.join(_op_str(f'w{i}') + tensor for i in range(8)) + b'u.'
+  pkl = b'\x80\x02}(' + b''.join(_op_str(f'w{i}') + tensor for i in range(tensors)) + b'u.'
   return _zip_pth(path, pkl, [('0', b'\0' * 16)])
 
 
@@ -232,6 +238,12 @@ def test_hostile_file_gives_one_line_and_status_2(hostile, name):
 
 
 # ---- in-process: shapes, values and outputs ----------------------------------------------
+def test_element_count_of_hostile_sizes_cannot_wrap(tmp_path):
+  """2**32 x 2**32 elements: an int64 product wraps to 0, which must not pass for empty."""
+  with pytest.raises(CheckpointError, match=r'wrap\.pth: tensor of size .* limit of'):
+    load_pth(expanded_pth(tmp_path / 'wrap.pth', side=1 << 32, tensors=1))
+
+
 @pytest.fixture(scope='module')
 def tiny_state():
   return unwrap_state_dict(load_pth(TINY))
