@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,17 +24,20 @@ def _convert(args) -> None:
   import jax
 
   from mprnet_jax.conversion import from_pytorch
+  from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
   from mprnet_jax.model import count_params
   from mprnet_jax.weights import save_weights
 
   out = Path(args.out)
   if out.exists() and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
+  refuse_overwriting_inputs(out, [args.checkpoint] + ([args.reference] if args.reference else []),
+                            FileExistsError)
   model = from_pytorch(args.checkpoint, task=args.task)
   sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
   print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
   if args.reference:
-    ref = np.load(args.reference)
+    ref = np.load(require_regular_file(args.reference, FileNotFoundError, 'reference file'))
     inputs = np.asarray(ref['input']).transpose(0, 2, 3, 1)
     outputs = jax.jit(lambda m, x: m(x))(model, inputs)
     for out_array, stage in zip(outputs, ['stage3', 'stage2', 'stage1']):
@@ -64,9 +68,13 @@ def _restorer(args):
 
 
 def _restore(args) -> None:
+  from mprnet_jax.image_io import read_size
   from mprnet_jax.inference import collect_inputs, restore_files
 
-  collect_inputs(args.inputs)  # fail on a missing input before loading any weights
+  # Fail on a missing, non-regular, unreadable or too large input before loading any weights
+  # (headers only: nothing is decoded here).
+  for path in collect_inputs(args.inputs):
+    read_size(path)
   written = restore_files(_restorer(args), args.inputs, args.output,
                           suffix=f'.{args.format}' if args.format else None)
   print(f'restored {len(written)} image(s) into {args.output}')
@@ -128,10 +136,23 @@ def _evaluate(args) -> None:
 
 
 def _export(args) -> None:
-  from mprnet_jax.weights import export_weights, load_model
+  from mprnet_jax.files import refuse_overwriting_inputs
+  from mprnet_jax.weights import export_weights, load_model, recorded_task
 
-  path = export_weights(load_model(args.weights), args.out, task=args.task,
-                        overwrite=args.overwrite)
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
+  refuse_overwriting_inputs(out, [args.weights], FileExistsError)  # also through a hard link
+  model = load_model(args.weights)
+  task = args.task
+  if task is None:  # keep what the source records; a task that does not fit is dropped
+    from mprnet_jax.model import PRESETS
+    task = recorded_task(args.weights)
+    if task is not None and PRESETS.get(task) != model.config:
+      warnings.warn(f'{args.weights}: recorded task {task!r} does not match its sizes; '
+                    'not carried over', stacklevel=1)
+      task = None
+  path = export_weights(model, out, task=task, overwrite=args.overwrite)
   print(f'wrote {path}')
 
 
@@ -150,6 +171,18 @@ def _benchmark(args) -> None:
   print(json.dumps(result) if args.json else result['summary'])
 
 
+class _MaxPixels(argparse.Action):
+  """--max-pixels N: sets MPRNET_MAX_PIXELS for the whole process (and worker processes), so
+  every image reader, header checks included, applies the same limit."""
+
+  def __call__(self, parser, namespace, value, option_string=None):
+    from mprnet_jax.image_io import MAX_PIXELS_ENV
+    if value < 1:
+      parser.error(f'{option_string} must be at least 1, got {value}')
+    os.environ[MAX_PIXELS_ENV] = str(value)
+    setattr(namespace, self.dest, value)
+
+
 def _add_inference_options(parser, *, weights_required: bool = True) -> None:
   parser.add_argument('--weights', required=weights_required,
                       help='our .safetensors, an official .pth, or a training workdir'
@@ -164,6 +197,9 @@ def _add_inference_options(parser, *, weights_required: bool = True) -> None:
                            'values compile fewer shapes for folders of mixed sizes)')
   parser.add_argument('--ensemble', action='store_true',
                       help='average the 8 flips/rotations (geometric self-ensemble)')
+  parser.add_argument('--max-pixels', type=int, action=_MaxPixels, default=None,
+                      help='refuse images of more pixels than this, from their headers '
+                           '(default 100000000, or $MPRNET_MAX_PIXELS)')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,9 @@ import grain
 import numpy as np
 import skimage.data
 from absl import flags
-from PIL import Image
 from scipy import ndimage, signal
 
-from mprnet_jax import augment
+from mprnet_jax import augment, image_io
 from mprnet_jax.errors import DataError
 from mprnet_jax.shards import ShardSource  # re-exported: one place for the training sources
 
@@ -30,13 +29,18 @@ __all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource',
            'BUNDLED_PHOTOS', 'VALIDATION_PHOTOS', 'load_bundled_photos', 'bundled_photo_split',
            'degrade', 'make_train_loader', 'make_eval_batches', 'loader_state', 'restore_loader']
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = image_io.IMAGE_SUFFIXES  # one list of image extensions, image_io's
 
 
 def load_rgb(path: str) -> np.ndarray:
-  """An image file as uint8 (H, W, 3) RGB."""
-  with Image.open(path) as image:
-    return np.asarray(image.convert('RGB'))
+  """An image file as uint8 (H, W, 3) RGB, read by `image_io.read_image` (the one reader:
+  same formats, pixel limit, EXIF orientation, grayscale replicated, alpha dropped).
+
+  Training data stays 8-bit: a 16-bit file is rounded to the nearest 8-bit level (the
+  official datasets are 8-bit, and 8-bit examples keep loaders and shards at half the size).
+  `restore` and `evaluate` read 16 bits through `read_image` directly."""
+  pixels, _ = image_io.read_image(path, warn=False)
+  return np.rint(pixels * 255.0).astype(np.uint8)
 
 
 class PairedFolderSource:
@@ -72,10 +76,12 @@ class PairedFolderSource:
     self._paths = [(os.path.join(folders['input'], n), os.path.join(folders['target'], n))
                    for n in self.names]
     for name, (inp, tgt) in zip(self.names, self._paths):
-      with Image.open(inp) as a, Image.open(tgt) as b:  # headers only: no decoding
-        if a.size != b.size:
-          raise ValueError(f'pair {name} differs in size: input {a.size[1]}x{a.size[0]}, '
-                           f'target {b.size[1]}x{b.size[0]} (HxW)')
+      # Headers only: refuses FIFOs and devices (whose open() blocks) and images above the
+      # pixel limit before anything is decoded.
+      a, b = image_io.read_size(inp), image_io.read_size(tgt)
+      if a != b:
+        raise ValueError(f'pair {name} differs in size: input {a[0]}x{a[1]}, '
+                         f'target {b[0]}x{b[1]} (HxW)')
     self.cache = cache
     self._cache: dict[int, dict[str, Any]] = {}
 
