@@ -1,7 +1,9 @@
 """The `mprnet` command line: convert, train, restore, evaluate, export, benchmark.
 
-Each subcommand parses its arguments and calls the library; no math here. Bad input ends with a
-one-line `mprnet <command>: error: ...` on stderr and exit status 2, never a traceback.
+Each subcommand parses its arguments and calls the library; no math here. Bad input (an
+`MprnetError` from the library, or an `OSError` such as a missing file) ends with a one-line
+`mprnet <command>: error: ...` on stderr and exit status 2; anything else is a bug in our code
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from mprnet_jax.errors import MprnetError
+
 # Errors that mean "the user's input is wrong", reported in one line. Anything else is a bug
 # and keeps its traceback.
-USER_ERRORS = (ValueError, OSError, MemoryError, FloatingPointError, KeyError)
+USER_ERRORS = (MprnetError, OSError)
 
 
 def _convert(args) -> None:
@@ -85,22 +89,22 @@ def _evaluate(args) -> None:
 
   protocol = protocols.check_protocol(args.protocol)
   if (args.weights is None) == (args.results is None):
-    raise ValueError('give either --weights (restore DATA/input and score) or --results '
+    raise MprnetError('give either --weights (restore DATA/input and score) or --results '
                      '(score restorations made elsewhere)')
   if args.results is not None and len(args.results) != len(args.data):
-    raise ValueError(f'{len(args.results)} --results for {len(args.data)} --data; give one '
+    raise MprnetError(f'{len(args.results)} --results for {len(args.data)} --data; give one '
                      'results folder (or Idenoised.mat) per dataset, in the same order')
   if protocol == 'dnd' and args.results is None and not args.output:
-    raise ValueError('--protocol dnd writes NNNN.mat files for the DND server: give --output DIR')
+    raise MprnetError('--protocol dnd writes NNNN.mat files for the DND server: give --output DIR')
   if args.output and protocol in protocols.FOLDER_PROTOCOLS:
-    raise ValueError(f'--output is for sidd and dnd; --protocol {protocol} saves its '
+    raise MprnetError(f'--output is for sidd and dnd; --protocol {protocol} saves its '
                      'restorations with --save-images DIR')
   if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
-    raise ValueError('--save-images saves the restorations of --weights on image folders '
+    raise MprnetError('--save-images saves the restorations of --weights on image folders '
                      '(sidd and dnd write theirs with --output)')
   names = [Path(d).resolve().name for d in args.data]
   if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
-    raise ValueError('two --data folders share a name, so their --output/--save-images '
+    raise MprnetError('two --data folders share a name, so their --output/--save-images '
                      'subfolders would collide; evaluate them in separate calls')
   for data_dir in args.data:  # every dataset is checked before any weights are loaded
     protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)

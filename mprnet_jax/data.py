@@ -55,21 +55,21 @@ class PairedFolderSource:
 
   def __init__(self, root: str, *, cache: bool = False):
     if not os.path.isdir(root):
-      raise ValueError(f'dataset folder {root} does not exist')
+      raise DataError(f'dataset folder {root} does not exist')
     folders = {}
     for sub in ('input', 'target'):
       folders[sub] = os.path.join(root, sub)
       if not os.path.isdir(folders[sub]):
-        raise ValueError(f'dataset folder {root} has no {sub}/ subfolder')
+        raise DataError(f'dataset folder {root} has no {sub}/ subfolder')
     names = {sub: {f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)}
              for sub, path in folders.items()}
     if not names['input'] and not names['target']:
-      raise ValueError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {root}/input, {root}/target')
+      raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {root}/input, {root}/target')
     unmatched = sorted(names['input'] ^ names['target'])
     if unmatched:
       shown = ', '.join(('input/' if n in names['input'] else 'target/') + n
                         for n in unmatched[:10])
-      raise ValueError(f'{len(unmatched)} images in {root} have no partner of the same name: '
+      raise DataError(f'{len(unmatched)} images in {root} have no partner of the same name: '
                        f'{shown}{", ..." if len(unmatched) > 10 else ""}')
     self.root = root
     self.names = sorted(names['input'])
@@ -80,7 +80,7 @@ class PairedFolderSource:
       # pixel limit before anything is decoded.
       a, b = image_io.read_size(inp), image_io.read_size(tgt)
       if a != b:
-        raise ValueError(f'pair {name} differs in size: input {a[0]}x{a[1]}, '
+        raise DataError(f'pair {name} differs in size: input {a[0]}x{a[1]}, '
                          f'target {b[0]}x{b[1]} (HxW)')
     self.cache = cache
     self._cache: dict[int, dict[str, Any]] = {}

@@ -15,6 +15,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from mprnet_jax import tiling
+from mprnet_jax.errors import MprnetError
 from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
 from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
 from mprnet_jax.model import MPRNet, compute_dtype
@@ -112,7 +113,7 @@ class Restorer:
                memory_budget: int | None = None):
     compute = compute_dtype(dtype)
     if bucket <= 0 or bucket % 8:
-      raise ValueError(f'bucket must be a positive multiple of 8, got {bucket}')
+      raise MprnetError(f'bucket must be a positive multiple of 8, got {bucket}')
     if isinstance(weights, MPRNet):
       model = weights
     else:
@@ -196,7 +197,7 @@ class Restorer:
       except Exception as error:
         if not _is_out_of_memory(error):
           raise
-    raise MemoryError(f'image of {image.shape[0]}x{image.shape[1]} does not fit in device memory '
+    raise MprnetError(f'image of {image.shape[0]}x{image.shape[1]} does not fit in device memory '
                       f'even in {FALLBACK_TILES[-1]}-pixel tiles')
 
   def __call__(self, image: np.ndarray) -> np.ndarray:
@@ -239,7 +240,7 @@ def restore_files(restorer: Restorer, inputs: Iterable[str | os.PathLike],
       raise FileExistsError(f'{target}: would overwrite an input; choose another --output')
     refuse_overwriting_inputs(target, files, FileExistsError)  # hard links: the same inode
   if len(set(targets)) != len(targets):
-    raise ValueError('two inputs share a file name; restore them into separate folders')
+    raise MprnetError('two inputs share a file name; restore them into separate folders')
   output_dir.mkdir(parents=True, exist_ok=True)
   for source, target in tqdm(list(zip(files, targets)), desc='restore', unit='img',
                              disable=not progress):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from mprnet_jax import matfiles, metrics
 from mprnet_jax.errors import DataError
-from mprnet_jax.image_io import IMAGE_SUFFIXES, read_image, write_image
+from mprnet_jax.image_io import IMAGE_SUFFIXES, ImageInfo, read_image, write_image
 
 __all__ = ['PROTOCOLS', 'FOLDER_PROTOCOLS', 'check_protocol', 'check_dataset', 'evaluate_dataset',
            'evaluate_pairs', 'evaluate_sidd', 'restore_dnd', 'restore_batches', 'mean_row',
@@ -170,7 +170,8 @@ def evaluate_pairs(protocol: str, data_dir, *, restorer=None, results_dir=None,
   """Scores a folder protocol on `data_dir` (`target/`, and `input/` in weights mode).
 
   With a `restorer`, each input is restored with the official padding, rounded to 8 bits (the
-  PNG the official test scripts save and their evaluation reads) and scored; `save_dir` gets
+  PNG the official test scripts save and their evaluation reads; 16 bits for 16-bit targets)
+  and scored; `save_dir` gets
   those PNGs, named like the inputs, so results mode scores them identically later. With
   `results_dir`, its images are scored as they are (8- or 16-bit).
   """
@@ -192,15 +193,19 @@ def evaluate_pairs(protocol: str, data_dir, *, restorer=None, results_dir=None,
   for source, target_path in tqdm(pairs, desc=f'evaluate {data_dir.name}', unit='img',
                                   disable=not progress):
     image, _ = read_image(source)
-    target, _ = read_image(target_path)
+    target, target_info = read_image(target_path)
     if image.shape != target.shape:
       raise DataError(f'{source} is {image.shape[0]}x{image.shape[1]} but {target_path} is '
                       f'{target.shape[0]}x{target.shape[1]} (HxW)')
     if restorer is not None:
       image = restorer.restore_float(image)
-      image = np.round(np.clip(image, 0.0, 1.0) * 255.0) / 255.0
+      # Rounded to the target's depth, as the saved PNG holds it: 8 bits for the official
+      # datasets, 16 bits kept for 16-bit targets.
+      levels = 65535.0 if target_info.bit_depth == 16 else 255.0
+      image = np.round(np.clip(image, 0.0, 1.0) * levels) / levels
       if save_dir is not None:
-        write_image(save_dir / f'{source.stem}.png', image)
+        depth = ImageInfo(bit_depth=16 if levels > 255 else 8, mode='rgb', alpha=None, shape=())
+        write_image(save_dir / f'{source.stem}.png', image, depth)
     try:
       psnr_value, ssim_value = score(np.float32(image), np.float32(target))
     except DataError as exc:
@@ -224,7 +229,7 @@ def restore_batches(restorer, images: np.ndarray, batch_size: int = 8, *,
 
   images = np.asarray(images, np.float32)
   if batch_size < 1:
-    raise ValueError(f'batch size must be at least 1, got {batch_size}')
+    raise DataError(f'batch size must be at least 1, got {batch_size}')
   if restorer.tile:
     return np.stack([restorer.restore_float(image)
                      for image in tqdm(images, desc=desc, unit='img', disable=not progress)])

@@ -13,7 +13,6 @@ The same pairs as a tensorflow-datasets dataset: `mprnet_jax.tfds_builder`.
 
 from __future__ import annotations
 
-import functools
 import glob
 import json
 import os

@@ -17,7 +17,7 @@ import numpy as np
 from mprnet_jax.data import PairedFolderSource
 from mprnet_jax.errors import DataError
 
-__all__ = ['PairedFolderBuilder', 'TfdsSource']
+__all__ = ['PairedFolderBuilder', 'TfdsSource']  # noqa: F822 (PairedFolderBuilder: module __getattr__)
 
 
 class TfdsSource:

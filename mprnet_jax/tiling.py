@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 import jax.numpy as jnp
 import numpy as np
 
+from mprnet_jax.errors import MprnetError
+
 __all__ = ['pad_to_multiple', 'restore_full', 'restore_tiled', 'blend_window', 'tile_starts']
 
 ApplyFn = Callable[[jnp.ndarray], jnp.ndarray]
@@ -111,11 +113,11 @@ def restore_tiled(
   tile's edge for the blend to be seamless.
   """
   if tile <= 0 or tile % multiple:
-    raise ValueError(f'tile must be a positive multiple of {multiple}, got {tile}')
+    raise MprnetError(f'tile must be a positive multiple of {multiple}, got {tile}')
   if overlap < 0 or overlap >= tile:
-    raise ValueError(f'overlap must be in [0, tile={tile}), got {overlap}')
+    raise MprnetError(f'overlap must be in [0, tile={tile}), got {overlap}')
   if batch_tiles < 1:
-    raise ValueError(f'batch_tiles must be >= 1, got {batch_tiles}')
+    raise MprnetError(f'batch_tiles must be >= 1, got {batch_tiles}')
   image = jnp.asarray(image, jnp.float32)
   if image.ndim != 3:
     raise ValueError(f'expected one image (H, W, C), got shape {image.shape}')

@@ -32,7 +32,7 @@ def save_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None = N
 
   path = Path(path)
   if path.suffix != '.safetensors':
-    raise ValueError(f'{path}: weights are written as .safetensors')
+    raise CheckpointError(f'{path}: weights are written as .safetensors')
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass overwrite=True to replace it)')
   check_task(model.config, task, str(path))
@@ -105,7 +105,7 @@ def export_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None =
   if path.suffix == '.safetensors':
     return save_weights(model, path, task=task, overwrite=overwrite)
   if path.suffix not in ('.pth', '.pt'):
-    raise ValueError(f'{path}: export writes .pth, .pt or .safetensors')
+    raise CheckpointError(f'{path}: export writes .pth, .pt or .safetensors')
   check_task(model.config, task, str(path))
   path.parent.mkdir(parents=True, exist_ok=True)
   save_pth({'state_dict': to_pytorch_state_dict(model)}, path, overwrite=overwrite)

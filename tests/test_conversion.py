@@ -4,7 +4,6 @@ and its gradients reproduce the official PyTorch model's (../shared/fixtures).""
 import os
 import pickle
 import zipfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp

@@ -140,6 +140,30 @@ def test_saved_images_rescore_identically_in_results_mode(tmp_path, capsys):
   assert abs(noisy_score['psnr'] - a['psnr']) > 0.01
 
 
+def test_sixteen_bit_targets_keep_sixteen_bits(tmp_path, capsys):
+  """16-bit pairs are read, restored, saved and scored at 16 bits, not cut to 8."""
+  from mprnet_jax.image_io import ImageInfo, read_image, write_image
+  weights = shared_fixture('protocols/denoise.pth')
+  data = tmp_path / 'deep'
+  _noisy_pairs(data)
+  for sub in ('input', 'target'):
+    for path in (data / sub).iterdir():
+      image, _ = read_image(path)
+      fine = image + np.float32(97 / 65535)  # a value no 8-bit level can hold
+      write_image(path, np.clip(fine, 0, 1),
+                  ImageInfo(bit_depth=16, mode='rgb', alpha=None, shape=()))
+  saved, first, second = tmp_path / 'saved', tmp_path / 'a.json', tmp_path / 'b.json'
+  assert main(['evaluate', '--weights', str(weights), '--data', str(data), '--save-images',
+               str(saved), '--json', str(first), '--csv', str(tmp_path / 'm.csv')]) == 0
+  restored, info = read_image(saved / 'im0.png')
+  assert info.bit_depth == 16
+  assert not np.array_equal(np.round(restored * 255) / 255, restored)  # finer than 8 bits
+  assert main(['evaluate', '--results', str(saved), '--data', str(data), '--json',
+               str(second)]) == 0
+  a, b = json.loads(first.read_text()), json.loads(second.read_text())
+  assert a['per_image'] == b['per_image']
+
+
 # --- SIDD ---
 
 def _write_v73(path, variables):

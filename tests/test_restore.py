@@ -1,6 +1,7 @@
 """Restoring and evaluating real photographs, exporting weights, and the command line's
 answers to bad input."""
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import skimage.data
@@ -9,6 +10,7 @@ from PIL import Image
 from conftest import FIXTURES
 from mprnet_jax import from_pytorch, to_pytorch_state_dict
 from mprnet_jax.cli import main
+from mprnet_jax.errors import MprnetError
 from mprnet_jax.image_io import read_image, write_image
 from mprnet_jax.inference import Restorer
 from mprnet_jax.metrics import psnr
@@ -57,6 +59,30 @@ def test_small_tiles_stay_close_to_untiled_on_a_trained_model(photo):
   assert float(psnr(untiled, clean)) > float(psnr(noisy, clean)) + 5
 
 
+def test_each_ensemble_view_is_undone_exactly():
+  from mprnet_jax.inference import _geometric, _inverse_geometric
+  for shape in ((1, 8, 8, 3), (2, 8, 16, 3)):  # square, and not square
+    x = jnp.arange(np.prod(shape), dtype=jnp.float32).reshape(shape)
+    views = [np.asarray(_geometric(x, mode)) for mode in range(8)]
+    for mode, view in enumerate(views):
+      assert np.array_equal(np.asarray(_inverse_geometric(jnp.asarray(view), mode)), x), mode
+    # Eight different views (as sets of pixel positions), so none is skipped or repeated.
+    flat = {view.tobytes() + str(view.shape).encode() for view in views}
+    assert len(flat) == 8
+
+
+def test_ensemble_of_an_equivariant_network_is_that_network(photo, monkeypatch):
+  """A stand-in network that commutes with flips and rotations (a per-pixel function) gives
+  the same result with and without the ensemble: every view is mapped back onto the image."""
+  model = from_pytorch(TINY)
+  image = photo[:64, :48].astype(np.float32) / 255
+  plain = Restorer(model)
+  ensembled = Restorer(model, ensemble=True)
+  for restorer in (plain, ensembled):
+    monkeypatch.setattr(restorer, '_apply', lambda params, x: jnp.sqrt(x) * 0.5 + x[..., ::-1] * 0.25)
+  assert np.allclose(ensembled.restore_float(image), plain.restore_float(image), atol=2e-7)
+
+
 def test_ensemble_averages_eight_views(photo):
   model = from_pytorch(TINY)
   image = photo[:64, :64].astype(np.float32) / 255
@@ -84,7 +110,7 @@ def test_out_of_memory_falls_back_to_tiles(restorer, photo, monkeypatch):
   assert restored.shape == image.shape
   assert float(psnr(restored, restorer.restore_float(image))) > 10  # a restoration, not noise
   monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (512,))
-  with pytest.raises(MemoryError, match='does not fit in device memory'):
+  with pytest.raises(MprnetError, match='does not fit in device memory'):
     tiled.restore_float(image)
 
 
