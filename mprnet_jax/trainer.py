@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -26,13 +27,14 @@ from flax import nnx
 from mprnet_jax import data as data_lib
 from mprnet_jax import parallel as parallel_lib
 from mprnet_jax import train_step as step_lib
-from mprnet_jax.checkpoints import TrainCheckpointer
+from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock
 from mprnet_jax.config_loading import config_to_dict
+from mprnet_jax.errors import MprnetError
 from mprnet_jax.metrics import psnr
 from mprnet_jax.model import MPRNet
 from mprnet_jax.train_logging import MetricsLogger
 
-__all__ = ['train', 'build_sources', 'build_model']
+__all__ = ['train', 'build_sources', 'build_model', 'NonFiniteTraining', 'quiet_xla_logs']
 
 # Validation degradations of synthetic data use their own fixed seed, so validation PSNRs
 # compare across runs whatever `config.seed` is.
@@ -136,15 +138,32 @@ def _enable_compilation_cache() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+class NonFiniteTraining(MprnetError, FloatingPointError):
+  """The first steps of a run all had a non-finite loss or gradient: NaN/inf weights or data,
+  or a learning rate that makes the first updates diverge. Nothing good follows."""
+
+
+# A run whose first steps (this many, or config.max_nonfinite if smaller) were all skipped for
+# a non-finite loss stops there, instead of skipping on to the end and exiting as if it trained.
+_FIRST_STEPS_CHECKED = 3
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the final
   metrics: step, loss (last logged), psnr and psnr_degraded (last validation), wall_time_s,
   resumed_from (step or None), interrupted (stopped by a signal), and state (the final
-  TrainState on one device)."""
+  TrainState on one device).
+
+  One trainer per workdir: a second one (on any host) raises a one-line MprnetError before it
+  touches the workdir (`checkpoints.WorkdirLock`)."""
   start_time = time.time()
   parallel_lib.initialize_distributed()
+  with WorkdirLock(workdir):
+    return _train(config, os.fspath(workdir), start_time)
+
+
+def _train(config, workdir: str, start_time: float) -> dict:
   _enable_compilation_cache()
-  workdir = os.fspath(workdir)
   main = parallel_lib.is_main_process()
   processes = jax.process_count()
   say = print if main else (lambda *a, **k: None)
@@ -225,14 +244,22 @@ def train(config, workdir: str | os.PathLike) -> dict:
   say = progress.write if main else say  # prints that keep the bar intact
   window_start, window_images = time.time(), 0
   step = start_step
+  skipped_at_start = _host_int(state.skipped_total)
+  first_steps = min(_FIRST_STEPS_CHECKED, max(1, int(config.get('max_nonfinite', 5))))
+  hard_interrupt = False
   try:
     with _StopRequest() as stop:
       while step < total_steps:
         batch = parallel_lib.place_batch(next(iterator), parallel, mesh)
+        if step == start_step:
+          say(f'compiling the training step: about a minute the first time, seconds afterwards '
+              f'from the cache at {jax.config.jax_compilation_cache_dir}')
         state, metrics = step_fn(state, batch)
         step += 1
         window_images += config.batch_size
         progress.update(1)
+        if step - start_step == first_steps:
+          _stop_if_all_skipped(state, step - start_step, skipped_at_start, step)
         if step % config.log_every == 0 or step == total_steps:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           rate = window_images / max(time.time() - window_start, 1e-9)
@@ -242,6 +269,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
                                img_s=f'{rate:.1f}', refresh=False)
           result['loss'] = metrics['loss']
           step_lib.check_nonfinite(state, config)
+        if step == total_steps and step - start_step < first_steps:
+          _stop_if_all_skipped(state, step - start_step, skipped_at_start, step)
         psnr_value = None
         if step % config.eval_every == 0 or step == total_steps:
           psnr_value, result['psnr_degraded'] = validate(step)
@@ -256,12 +285,25 @@ def train(config, workdir: str | os.PathLike) -> dict:
           save(psnr_value)
         if stopping:
           result['interrupted'] = True
+          checkpointer.wait()  # "saved" only once the checkpoint is committed
           say(f'{stop.signal_name or "stop request"} received: saved a checkpoint at step {step} '
               f'in {checkpointer.directory}; run the same command again to resume')
           break
+  except KeyboardInterrupt:
+    # A second Ctrl-C (the first only asks to stop): leave now, without waiting for a save in
+    # flight. Orbax commits a checkpoint only once it is complete, and the next run removes
+    # an uncommitted one, so nothing half-written is ever resumed from.
+    hard_interrupt = True
+    if main and checkpointer.saving:
+      print(f'interrupted again: not waiting for the checkpoint of step {step}; the next run '
+            'resumes from the last complete checkpoint', file=sys.stderr)
+    raise
   finally:
     progress.close()
-    checkpointer.close()  # waits for the saves in flight, even after an error
+    if hard_interrupt:
+      checkpointer.abandon()
+    else:
+      checkpointer.close()  # waits for the saves in flight, even after an error
     logger.close()
   if start_step >= total_steps:
     say(f'Nothing to do: the checkpoint is already at step {start_step} of {total_steps}')
@@ -272,6 +314,24 @@ def train(config, workdir: str | os.PathLike) -> dict:
     print(f'Done: step {step}, validation PSNR {result["psnr"]:.2f} dB vs degraded '
           f'{result["psnr_degraded"]:.2f} dB, {result["wall_time_s"]:.0f} s')
   return result
+
+
+def _host_int(value) -> int:
+  """The largest entry of a (possibly replicated or device-stacked) integer array, on the host."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    value = value.addressable_data(0)
+  return int(np.max(np.asarray(value)))
+
+
+def _stop_if_all_skipped(state, steps_run: int, skipped_at_start: int, step: int) -> None:
+  """Raises NonFiniteTraining if every one of the `steps_run` steps of this run was skipped."""
+  skipped = _host_int(state.skipped_total) - skipped_at_start
+  if steps_run and skipped >= steps_run:
+    raise NonFiniteTraining(
+        f'training stopped at step {step}: each of the first {steps_run} steps had a '
+        'non-finite loss or gradient (NaN/inf in the weights or the data, or a learning rate '
+        'that diverges at once); nothing was learnt. Check the data and the weights, or lower '
+        'the learning rate')
 
 
 def _first_images(batches: list[dict], count: int) -> list[dict]:
