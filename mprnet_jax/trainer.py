@@ -41,6 +41,68 @@ __all__ = ['train', 'build_sources', 'build_model', 'NonFiniteTraining', 'quiet_
 _VALIDATION_SEED = 20210301
 
 
+# Lines XLA's GPU autotuner logs by the hundred at LOG(ERROR) during the first compile, harmless
+# (its timer's calibration kernel was late; the chosen kernels are as good). LOG(ERROR) cannot
+# be silenced by TF_CPP_MIN_LOG_LEVEL without silencing every real error, hence a line filter.
+_XLA_NOISE = (b'Delay kernel timed out',)
+
+_STDERR_FILTER = r"""
+import os, sys
+noise = [p.encode() for p in sys.argv[1:]]
+pending = b''
+while True:
+  chunk = os.read(0, 65536)
+  if not chunk:
+    break
+  lines = (pending + chunk).split(b'\n')
+  pending = lines.pop()
+  kept = b''.join(line + b'\n' for line in lines if not any(p in line for p in noise))
+  # A piece without its newline yet (a progress bar's carriage-return updates): shown now.
+  if pending and not any(p in pending for p in noise):
+    kept, pending = kept + pending, b''
+  if kept:
+    os.write(1, kept)
+if pending and not any(p in pending for p in noise):
+  os.write(1, pending)
+"""
+
+
+def quiet_xla_logs() -> None:
+  """Drops XLA's autotuner noise ("Delay kernel timed out", hundreds of lines on a GPU's first
+  compile) from this process's stderr, keeping every other line, real errors included.
+
+  Routes file descriptor 2 through a small child process that forwards all other output as it
+  comes, so nothing is lost if this process crashes. For the command line: call once, before
+  training. `MPRNET_XLA_LOGS=all` keeps the raw stream.
+  """
+  if os.environ.get('MPRNET_XLA_LOGS') == 'all' or getattr(quiet_xla_logs, '_installed', False):
+    return
+  import atexit
+  import subprocess
+
+  original = os.dup(2)
+  read_end, write_end = os.pipe()
+  child = subprocess.Popen(
+      [sys.executable, '-S', '-c', _STDERR_FILTER, *(p.decode() for p in _XLA_NOISE)],
+      stdin=read_end, stdout=original, stderr=original, close_fds=True)
+  os.close(read_end)
+  sys.stderr.flush()
+  os.dup2(write_end, 2)
+  os.close(write_end)
+  quiet_xla_logs._installed = True
+
+  def restore():
+    # Give the terminal back before exit, so the filter's last lines come before the prompt.
+    sys.stderr.flush()
+    os.dup2(original, 2)
+    try:
+      child.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # a child process of ours still holds the pipe
+      pass
+
+  atexit.register(restore)
+
+
 def _clean_images_in(folder: str) -> dict[str, np.ndarray]:
   names = sorted(f for f in os.listdir(folder) if f.lower().endswith(data_lib.IMAGE_EXTENSIONS))
   if not names:
