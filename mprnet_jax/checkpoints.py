@@ -84,12 +84,56 @@ def _is_event_loop_closed(error) -> bool:
   return isinstance(error, RuntimeError) and 'Event loop is closed' in str(error)
 
 
+_ORBAX_PATH = f'{os.sep}orbax{os.sep}'
+
+
 def _raised_in_orbax(trace) -> bool:
   while trace is not None:
-    if f'{os.sep}orbax{os.sep}' in trace.tb_frame.f_code.co_filename:
+    if _ORBAX_PATH in trace.tb_frame.f_code.co_filename:
       return True
     trace = trace.tb_next
   return False
+
+
+class _AbandonedOrbaxTasks(logging.Filter):
+  """asyncio's "Task exception was never retrieved" for the writes orbax leaves running when
+  one part of a save fails (it reports the first failure, which we turn into one line)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    try:
+      error = record.exc_info[1] if record.exc_info else None
+      mentions = _ORBAX_PATH in record.getMessage() or 'tensorstore' in record.getMessage()
+      return not (mentions or _raised_in_orbax(getattr(error, '__traceback__', None))
+                  or _is_event_loop_closed(error))
+    except Exception:  # noqa: BLE001 (a filter must never raise; keep the record)
+      return True
+
+
+_lasting_filters_installed = False
+
+
+def _install_lasting_filters() -> None:
+  """Once checkpoints are used: the reports orbax's abandoned tasks make later (when they are
+  garbage-collected, or at interpreter exit: asyncio's "never retrieved", "Event loop is
+  closed", "Exception ignored in <coroutine ...>") are dropped, since the failure they follow
+  was already reported in one line. Anything not from orbax passes unchanged."""
+  global _lasting_filters_installed
+  if _lasting_filters_installed:
+    return
+  _lasting_filters_installed = True
+  logging.getLogger('asyncio').addFilter(_AbandonedOrbaxTasks())
+  previous = sys.unraisablehook
+
+  def unraisable(report):
+    try:
+      if _is_event_loop_closed(report.exc_value) or _raised_in_orbax(report.exc_traceback) \
+          or _ORBAX_PATH in repr(report.object):
+        return
+    except Exception:  # noqa: BLE001 (at interpreter exit: fall through to the default)
+      pass
+    previous(report)
+
+  sys.unraisablehook = unraisable
 
 
 @contextlib.contextmanager
@@ -101,6 +145,7 @@ def _quiet_orbax():
   with _quiet_lock:
     _quiet_depth += 1
     if _quiet_depth == 1:
+      _install_lasting_filters()
       previous_unraisable, previous_thread_hook = sys.unraisablehook, threading.excepthook
 
       def unraisable(report):
@@ -167,10 +212,7 @@ def _manager(directory: Path, keep: int, *, read_only: bool = False) -> ocp.Chec
   options = ocp.CheckpointManagerOptions(
       preservation_policy=None if read_only else policy, best_fn=_best_metric, best_mode='max',
       enable_async_checkpointing=not read_only, read_only=read_only, create=not read_only,
-      save_interval_steps=0 if read_only else 1,
-      # A save cut short (full disk, kill -9) leaves `<step>.orbax-checkpoint-tmp-*`: never
-      # listed as a step, and removed when the next run opens the folder.
-      cleanup_tmp_directories=not read_only)
+      save_interval_steps=0 if read_only else 1)
   handlers = {'params': ocp.StandardCheckpointHandler(), 'train': ocp.StandardCheckpointHandler(),
               'data': grain.checkpoint.CheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
@@ -279,6 +321,21 @@ class TrainCheckpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def discard_unfinished_saves(self) -> list[str]:
+    """Removes the temporary folders (`<step>.orbax-checkpoint-tmp*`) of saves that never
+    committed (a full disk, kill -9, a second Ctrl-C); returns their names. Orbax never lists
+    them as steps; this keeps them from piling up. Only for the run that holds the workdir's
+    lock: another's save in flight looks the same."""
+    removed = []
+    if jax.process_index() == 0 and self.directory.is_dir():
+      for path in sorted(self.directory.glob('*.orbax-checkpoint-tmp*')):
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path.name)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices('mprnet_checkpoint_discard_unfinished')
+    return removed
+
   def best_step(self) -> int | None:
     return _best_step(self._manager)
 
@@ -325,6 +382,9 @@ class TrainCheckpointer:
 
   def _save_failed(self, step: int, error: BaseException):
     self._pending = None
+    deadline = time.time() + 60
+    while self._manager.is_saving_in_progress() and time.time() < deadline:
+      time.sleep(0.05)
     self._remove_partial(step)
     self._quiet_while_saving.close()
     self._quiet_held = False
@@ -333,12 +393,12 @@ class TrainCheckpointer:
         'the run resumes from the last complete checkpoint') from error
 
   def _remove_partial(self, step: int) -> None:
-    """Removes what a failed save of `step` left (its temporary folder; a step folder not
-    listed by orbax), so nothing half-written is ever taken for a checkpoint."""
+    """Removes a step folder a failed save of `step` may have left unlisted by orbax, so that
+    nothing half-written is ever taken for a checkpoint. Its temporary folder
+    (`<step>.orbax-checkpoint-tmp*`, which orbax never lists) is left to the next run
+    (`discard_unfinished_saves`): orbax's writes of the other items may still land in it."""
     if jax.process_index() != 0 or not self.directory.is_dir():
       return
-    for path in self.directory.glob(f'{step}.orbax-checkpoint-tmp*'):
-      shutil.rmtree(path, ignore_errors=True)
     with contextlib.suppress(Exception):
       self._manager.reload()
     if (self.directory / str(step)).exists() and step not in self._manager.all_steps():
@@ -424,11 +484,13 @@ class TrainCheckpointer:
       multihost_utils.sync_global_devices(f'mprnet_checkpoint_set_aside_{step}')
     self._manager.reload()
 
-  def wait(self, poll_s: float = 0.05) -> None:
+  def wait(self, poll_s: float = 0.05, give_up=None) -> None:
     """Blocks until every started save is committed; raises CheckpointError if one failed.
-    Polls instead of blocking inside orbax, so that a KeyboardInterrupt arrives here, not in
-    the middle of orbax's threads."""
+    Polls instead of blocking inside orbax, so that an interrupt arrives here, not in the
+    middle of orbax's machinery; raises KeyboardInterrupt as soon as `give_up()` is true."""
     while self._manager.is_saving_in_progress():
+      if give_up is not None and give_up():
+        raise KeyboardInterrupt
       time.sleep(poll_s)
     try:
       with _quiet_orbax():

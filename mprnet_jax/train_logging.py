@@ -187,7 +187,8 @@ class MetricsLogger:
     with open(self.metrics_path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     for key, value in record.items():
-      if key not in ('step', 'split'):
+      # metrics.jsonl keeps a NaN loss; TensorBoard would only warn about it, once per value.
+      if key not in ('step', 'split') and math.isfinite(value):
         self._writer.add_scalar(f'{split}/{key}', value, int(step))
 
   def write_images(self, step: int, degraded: np.ndarray, restored: np.ndarray,

@@ -142,11 +142,16 @@ def build_model(config) -> MPRNet:
 
 
 class _StopRequest:
-  """SIGTERM / SIGINT set a flag the loop checks after each step; a second Ctrl-C while
-  saving falls through to the default handler (KeyboardInterrupt)."""
+  """SIGTERM / SIGINT set a flag the loop checks after each step. A second Ctrl-C during the
+  final save sets `forced`, which the wait for that save turns into a KeyboardInterrupt raised
+  from our own code (raised from the handler, it could land inside orbax's threads' machinery
+  or a garbage-collection callback, and come out as tracebacks or not at all); at any other
+  time it falls through to the default handler (KeyboardInterrupt), for a run that hangs."""
 
   def __init__(self):
     self.signal_name: str | None = None
+    self.saving = False  # the final save, after a stop request, is in progress
+    self.forced = False
     self._previous = {}
 
   def __enter__(self):
@@ -157,8 +162,14 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    self.signal_name = signal.Signals(signum).name
-    signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+    elif signum == signal.SIGINT:
+      if self.saving:
+        self.forced = True
+      else:
+        signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+        raise KeyboardInterrupt
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -254,6 +265,7 @@ def _train(config, workdir: str, start_time: float) -> dict:
   checkpointer = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                                    model_config=model.config.to_dict(),
                                    experiment_config=config_to_dict(config))
+  checkpointer.discard_unfinished_saves()
   resumed_from = None
   if checkpointer.latest_step() is not None:
     restored = checkpointer.restore_latest(state)
@@ -342,12 +354,14 @@ def _train(config, workdir: str, start_time: float) -> dict:
           stopping = stop.requested(sync=False)
         else:
           stopping = step % config.log_every == 0 and stop.requested(sync=True)
+        stop.saving = stopping
         if psnr_value is not None or step % config.checkpoint_every == 0 or stopping \
             or step == total_steps:
           save(psnr_value)
         if stopping:
           result['interrupted'] = True
-          checkpointer.wait()  # "saved" only once the checkpoint is committed
+          # "saved" only once the checkpoint is committed; a second Ctrl-C stops waiting.
+          checkpointer.wait(give_up=lambda: stop.forced)
           say(f'{stop.signal_name or "stop request"} received: saved a checkpoint at step {step} '
               f'in {checkpointer.directory}; run the same command again to resume')
           break
