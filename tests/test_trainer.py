@@ -2,6 +2,7 @@
 checkpoint, the files a run leaves, loading the trained model, SIGTERM; and the experiment
 configs. The smoke runs share one compiled step through the persistent compilation cache."""
 
+import functools
 import json
 import os
 import re
@@ -123,10 +124,12 @@ def test_one_flipped_bit_in_the_newest_params_is_caught(full_run, tmp_path, capf
   assert np.isfinite(result['loss'])
 
 
-def target_state(config=None):
+@functools.cache
+def target_state():
+  """A smoke run's initial TrainState: the shape checkpoints are restored into."""
   from mprnet_jax import train_step as step_lib
   from mprnet_jax.trainer import build_model
-  config = config or smoke()
+  config = smoke()
   return step_lib.create_train_state(build_model(config), config, 2, 0)[1]
 
 
@@ -372,7 +375,7 @@ def test_double_ctrl_c_during_a_save_exits_in_one_line(tmp_path, capfd, monkeypa
     time.sleep(0.2)
     os.kill(os.getpid(), signal.SIGINT)  # impatient: leave during the save
 
-  slow_orbax_commits(monkeypatch, 3.0)
+  slow_orbax_commits(monkeypatch, 2.0)
   threading.Thread(target=press_ctrl_c_twice, daemon=True).start()
   argv = ['train', '--config', str(EXPERIMENTS / 'smoke.py'), '--workdir', str(tmp_path),
           '--config.num_steps=200', '--config.eval_every=1000', '--config.checkpoint_every=1000']
@@ -383,7 +386,7 @@ def test_double_ctrl_c_during_a_save_exits_in_one_line(tmp_path, capfd, monkeypa
   assert re.search(r'interrupted again: not waiting for the checkpoint of step \d+', err), err
   assert err.strip().splitlines()[-1] == 'mprnet train: interrupted'
   # The save left behind, committed later or not, is never a half-written step.
-  time.sleep(3.5)
+  time.sleep(2.5)
   checkpointer = TrainCheckpointer(tmp_path)
   checkpointer.discard_unfinished_saves()
   steps = checkpointer.all_steps()
