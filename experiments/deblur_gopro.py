@@ -1,4 +1,4 @@
-"""Official MPRNet deblurring recipe on GoPro (DESIGN.md, decision 11).
+"""Official MPRNet deblurring recipe on GoPro (the paper's training settings).
 
     mprnet train --config experiments/deblur_gopro.py --workdir runs/deblur_gopro \
         --config.data.train_dir=datasets/GoPro/train --config.data.val_dir=datasets/GoPro/test
@@ -8,7 +8,7 @@ sum over stages of Charbonnier + 0.05 * edge, random-saturation augmentation. On
 batch 16 float32 needs `--config.model.remat=convs` (or `--config.model.dtype=bfloat16`).
 """
 
-from experiments import base
+from mprnet_jax.configs import base
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""Official MPRNet denoising recipe on SIDD (DESIGN.md, decision 11).
+"""Official MPRNet denoising recipe on SIDD (the paper's training settings).
 
     mprnet train --config experiments/denoise_sidd.py --workdir runs/denoise_sidd \
         --config.data.train_dir=datasets/SIDD/train --config.data.val_dir=datasets/SIDD/val
@@ -8,7 +8,7 @@ over epochs - 3 + 40, batch 16, 128x128 crops, 80 epochs, Charbonnier on the cla
 output only, MixUp from epoch 5.
 """
 
-from experiments import base
+from mprnet_jax.configs import base
 
 
 def get_config():

@@ -1,4 +1,4 @@
-"""Official MPRNet deraining recipe on Rain13K (DESIGN.md, decision 11).
+"""Official MPRNet deraining recipe on Rain13K (the paper's training settings).
 
     mprnet train --config experiments/derain_rain13k.py --workdir runs/derain_rain13k \
         --config.data.train_dir=datasets/Rain13K/train --config.data.val_dir=datasets/Rain13K/test
@@ -7,7 +7,7 @@ Adam 2e-4, 3 warm-up epochs then cosine to 1e-6, batch 16, 256x256 crops, 250 ep
 sum over stages of Charbonnier + 0.05 * edge, flips/rotations only.
 """
 
-from experiments import base
+from mprnet_jax.configs import base
 
 
 def get_config():

@@ -3,7 +3,7 @@
     mprnet train --config experiments/smoke.py --workdir /tmp/mprnet_smoke
 """
 
-from experiments import base
+from mprnet_jax.configs import base
 
 
 def get_config():

@@ -539,6 +539,7 @@ class WorkdirLock:
     self.workdir = Path(workdir).absolute()
     self.path = self.workdir / ('trainer.lock' if index == 0 else f'trainer.process_{index}.lock')
     self._held = False
+    self._created_workdir = False
 
   def __enter__(self):
     self.acquire()
@@ -548,6 +549,7 @@ class WorkdirLock:
     self.release()
 
   def acquire(self) -> None:
+    self._created_workdir = not self.workdir.exists()
     self.workdir.mkdir(parents=True, exist_ok=True)
     me = {'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time()}
     for _ in range(3):  # a stale lock removed by us (or a racing trainer): try again
@@ -574,6 +576,9 @@ class WorkdirLock:
     if holder and holder.get('host') == socket.gethostname() and holder.get('pid') == os.getpid():
       with contextlib.suppress(FileNotFoundError):
         os.remove(self.path)
+    if self._created_workdir:  # a run that stopped before writing anything leaves no folder
+      with contextlib.suppress(OSError):
+        self.workdir.rmdir()
 
   def _holder(self) -> dict | None:
     """The lock's content; {} if it is empty or unreadable; None if it is gone."""

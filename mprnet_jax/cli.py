@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -23,17 +24,20 @@ def _convert(args) -> None:
   import jax
 
   from mprnet_jax.conversion import from_pytorch
+  from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
   from mprnet_jax.model import count_params
   from mprnet_jax.weights import save_weights
 
   out = Path(args.out)
   if out.exists() and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
+  refuse_overwriting_inputs(out, [args.checkpoint] + ([args.reference] if args.reference else []),
+                            FileExistsError)
   model = from_pytorch(args.checkpoint, task=args.task)
   sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
   print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
   if args.reference:
-    ref = np.load(args.reference)
+    ref = np.load(require_regular_file(args.reference, FileNotFoundError, 'reference file'))
     inputs = np.asarray(ref['input']).transpose(0, 2, 3, 1)
     outputs = jax.jit(lambda m, x: m(x))(model, inputs)
     for out_array, stage in zip(outputs, ['stage3', 'stage2', 'stage1']):
@@ -50,8 +54,7 @@ def _train(args, overrides: list[str]) -> None:
   from mprnet_jax.config_loading import load_config
   from mprnet_jax.trainer import train
 
-  default = Path(__file__).resolve().parents[1] / 'experiments' / 'default.py'
-  config = load_config(args.config or default, overrides)
+  config = load_config(args.config, overrides)  # no --config: the demo in mprnet_jax/configs
   result = train(config, args.workdir)
   summary = {k: v for k, v in result.items()
              if isinstance(v, (int, str)) or (isinstance(v, float) and np.isfinite(v))}
@@ -65,30 +68,91 @@ def _restorer(args):
 
 
 def _restore(args) -> None:
+  from mprnet_jax.image_io import read_size
   from mprnet_jax.inference import collect_inputs, restore_files
 
-  collect_inputs(args.inputs)  # fail on a missing input before loading any weights
+  # Fail on a missing, non-regular, unreadable or too large input before loading any weights
+  # (headers only: nothing is decoded here).
+  for path in collect_inputs(args.inputs):
+    read_size(path)
   written = restore_files(_restorer(args), args.inputs, args.output,
                           suffix=f'.{args.format}' if args.format else None)
   print(f'restored {len(written)} image(s) into {args.output}')
 
 
 def _evaluate(args) -> None:
-  from mprnet_jax.data import PairedFolderSource
-  from mprnet_jax.inference import evaluate_folder
+  from mprnet_jax import protocols
 
-  PairedFolderSource(args.data)  # check the folder before loading any weights
-  csv_path = args.csv or Path(args.data) / 'mprnet_metrics.csv'
-  summary = evaluate_folder(_restorer(args), args.data, csv_path=csv_path)
-  print(f'{summary["images"]} images: PSNR {summary["psnr"]:.4f} dB, SSIM {summary["ssim"]:.4f} '
-        f'(RGB, [0,1]; per image in {csv_path})')
+  protocol = protocols.check_protocol(args.protocol)
+  if (args.weights is None) == (args.results is None):
+    raise ValueError('give either --weights (restore DATA/input and score) or --results '
+                     '(score restorations made elsewhere)')
+  if args.results is not None and len(args.results) != len(args.data):
+    raise ValueError(f'{len(args.results)} --results for {len(args.data)} --data; give one '
+                     'results folder (or Idenoised.mat) per dataset, in the same order')
+  if protocol == 'dnd' and args.results is None and not args.output:
+    raise ValueError('--protocol dnd writes NNNN.mat files for the DND server: give --output DIR')
+  if args.output and protocol in protocols.FOLDER_PROTOCOLS:
+    raise ValueError(f'--output is for sidd and dnd; --protocol {protocol} saves its '
+                     'restorations with --save-images DIR')
+  if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
+    raise ValueError('--save-images saves the restorations of --weights on image folders '
+                     '(sidd and dnd write theirs with --output)')
+  names = [Path(d).resolve().name for d in args.data]
+  if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
+    raise ValueError('two --data folders share a name, so their --output/--save-images '
+                     'subfolders would collide; evaluate them in separate calls')
+  for data_dir in args.data:  # every dataset is checked before any weights are loaded
+    protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
+  restorer = _restorer(args) if args.weights is not None else None
+  several = len(args.data) > 1
+  results = []
+  for index, (data_dir, name) in enumerate(zip(args.data, names)):
+    output = args.output and (Path(args.output) / name if several else args.output)
+    save_dir = args.save_images and (Path(args.save_images) / name if several
+                                     else args.save_images)
+    result = protocols.evaluate_dataset(
+        protocol, data_dir, restorer=restorer, output_dir=output, save_dir=save_dir,
+        results=args.results[index] if args.results else None, batch_size=args.batch)
+    results.append(result)
+    if protocol == 'dnd':
+      print(f'{data_dir}: restored {result["images"]} images ({result["patches"]} patches) '
+            f'into {output}/NNNN.mat. DND has no public ground truth, so no score is printed: '
+            'upload these files to the DND benchmark for one')
+    else:
+      print(f'{data_dir}: {result["images"]} images: PSNR {result["psnr"]:.4f} dB, '
+            f'SSIM {result["ssim"]:.4f} ({protocol}: {protocols.PROTOCOLS[protocol]})')
+  if several and protocol != 'dnd':
+    mean = protocols.mean_row(results)
+    print(f'mean of {len(results)} datasets ({mean["images"]} images): PSNR {mean["psnr"]:.4f} '
+          f'dB, SSIM {mean["ssim"]:.4f}')
+  csv_path = args.csv
+  if csv_path is None and protocol == 'rgb' and args.weights is not None and not several:
+    csv_path = Path(args.data[0]) / 'mprnet_metrics.csv'  # where it has always been written
+  if csv_path is not None and protocol != 'dnd':
+    print(f'per image: {protocols.write_csv(csv_path, results)}')
+  if args.json:
+    print(f'JSON: {protocols.write_json(args.json, protocol, results)}')
 
 
 def _export(args) -> None:
-  from mprnet_jax.weights import export_weights, load_model
+  from mprnet_jax.files import refuse_overwriting_inputs
+  from mprnet_jax.weights import export_weights, load_model, recorded_task
 
-  path = export_weights(load_model(args.weights), args.out, task=args.task,
-                        overwrite=args.overwrite)
+  out = Path(args.out)
+  if out.exists() and not args.overwrite:
+    raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
+  refuse_overwriting_inputs(out, [args.weights], FileExistsError)  # also through a hard link
+  model = load_model(args.weights)
+  task = args.task
+  if task is None:  # keep what the source records; a task that does not fit is dropped
+    from mprnet_jax.model import PRESETS
+    task = recorded_task(args.weights)
+    if task is not None and PRESETS.get(task) != model.config:
+      warnings.warn(f'{args.weights}: recorded task {task!r} does not match its sizes; '
+                    'not carried over', stacklevel=1)
+      task = None
+  path = export_weights(model, out, task=task, overwrite=args.overwrite)
   print(f'wrote {path}')
 
 
@@ -107,9 +171,22 @@ def _benchmark(args) -> None:
   print(json.dumps(result) if args.json else result['summary'])
 
 
-def _add_inference_options(parser) -> None:
-  parser.add_argument('--weights', required=True,
-                      help='our .safetensors, an official .pth, or a training workdir')
+class _MaxPixels(argparse.Action):
+  """--max-pixels N: sets MPRNET_MAX_PIXELS for the whole process (and worker processes), so
+  every image reader, header checks included, applies the same limit."""
+
+  def __call__(self, parser, namespace, value, option_string=None):
+    from mprnet_jax.image_io import MAX_PIXELS_ENV
+    if value < 1:
+      parser.error(f'{option_string} must be at least 1, got {value}')
+    os.environ[MAX_PIXELS_ENV] = str(value)
+    setattr(namespace, self.dest, value)
+
+
+def _add_inference_options(parser, *, weights_required: bool = True) -> None:
+  parser.add_argument('--weights', required=weights_required,
+                      help='our .safetensors, an official .pth, or a training workdir'
+                           + ('' if weights_required else ' (or --results)'))
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument('--tile', type=int, default=None,
                       help='restore in tiles of this size (multiple of 8); default: whole '
@@ -120,6 +197,9 @@ def _add_inference_options(parser) -> None:
                            'values compile fewer shapes for folders of mixed sizes)')
   parser.add_argument('--ensemble', action='store_true',
                       help='average the 8 flips/rotations (geometric self-ensemble)')
+  parser.add_argument('--max-pixels', type=int, action=_MaxPixels, default=None,
+                      help='refuse images of more pixels than this, from their headers '
+                           '(default 100000000, or $MPRNET_MAX_PIXELS)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,13 +224,31 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--output', required=True, help='output folder (never an input)')
   p.add_argument('--format', choices=['png', 'jpg', 'tif'], help='output format (default: same)')
   _add_inference_options(p)
-  # Folders of mixed sizes: 64-pixel buckets compile far fewer shapes than the exact padding.
-  p.set_defaults(bucket=64)
 
-  p = commands.add_parser('evaluate', help='PSNR/SSIM on a paired folder (input/, target/)')
-  p.add_argument('--data', required=True, help='folder with input/ and target/')
-  p.add_argument('--csv', help='per-image CSV (default: DATA/mprnet_metrics.csv)')
-  _add_inference_options(p)
+  p = commands.add_parser(
+      'evaluate', help="score restorations under an official protocol (the paper's tables)")
+  p.add_argument('--protocol', default='rgb', metavar='P',
+                 help='rgb (default: RGB PSNR, per-channel SSIM), gopro (also HIDE), realblur, '
+                      'rain, sidd, dnd; see README "Reproducing the paper\'s numbers"')
+  p.add_argument('--data', required=True, nargs='+', metavar='DIR',
+                 help='dataset folder(s): input/ and target/ (sidd: the two official .mat '
+                      'files; dnd: info.mat and images_srgb/); several give one row each and '
+                      'their mean')
+  p.add_argument('--results', nargs='+', metavar='RES',
+                 help='instead of --weights: restorations made elsewhere, one per --data '
+                      '(a folder named like target/; sidd: Idenoised.mat or its folder)')
+  p.add_argument('--output', metavar='DIR',
+                 help='sidd: write DIR/Idenoised.mat; dnd (required): DIR/NNNN.mat per image '
+                      '(with several datasets, DIR/<dataset name>/)')
+  p.add_argument('--save-images', metavar='DIR',
+                 help='write the restorations as 8-bit PNGs named like the inputs, for '
+                      '--results later (with several datasets, DIR/<dataset name>/)')
+  p.add_argument('--csv', help='per-image CSV (default for --protocol rgb with --weights: '
+                               'DATA/mprnet_metrics.csv)')
+  p.add_argument('--json', metavar='OUT.json', help='write the results, per image, as JSON')
+  p.add_argument('--batch', type=int, default=8,
+                 help='sidd/dnd: blocks or patches restored per call')
+  _add_inference_options(p, weights_required=False)  # evaluate takes --weights or --results
 
   p = commands.add_parser('export', help='write weights for PyTorch (.pth) or .safetensors')
   p.add_argument('weights', help='our .safetensors, an official .pth, or a training workdir')

@@ -17,22 +17,30 @@ from typing import Any
 
 import grain
 import numpy as np
-from PIL import Image
+import skimage.data
+from absl import flags
+from scipy import ndimage, signal
 
-from mprnet_jax import augment
-from mprnet_jax.shards import ShardSource, TfdsSource  # re-exported: one place for sources
+from mprnet_jax import augment, image_io
+from mprnet_jax.errors import DataError
+from mprnet_jax.shards import ShardSource  # re-exported: one place for the training sources
 
-__all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource', 'TfdsSource',
+__all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource',
            'BUNDLED_PHOTOS', 'VALIDATION_PHOTOS', 'load_bundled_photos', 'bundled_photo_split',
            'degrade', 'make_train_loader', 'make_eval_batches', 'loader_state', 'restore_loader']
 
-IMAGE_EXTENSIONS = ('.png', '.jpg', '.jpeg', '.bmp', '.tif', '.tiff')
+IMAGE_EXTENSIONS = image_io.IMAGE_SUFFIXES  # one list of image extensions, image_io's
 
 
 def load_rgb(path: str) -> np.ndarray:
-  """An image file as uint8 (H, W, 3) RGB."""
-  with Image.open(path) as image:
-    return np.asarray(image.convert('RGB'))
+  """An image file as uint8 (H, W, 3) RGB, read by `image_io.read_image` (the one reader:
+  same formats, pixel limit, EXIF orientation, grayscale replicated, alpha dropped).
+
+  Training data stays 8-bit: a 16-bit file is rounded to the nearest 8-bit level (the
+  official datasets are 8-bit, and 8-bit examples keep loaders and shards at half the size).
+  `restore` and `evaluate` read 16 bits through `read_image` directly."""
+  pixels, _ = image_io.read_image(path, warn=False)
+  return np.rint(pixels * 255.0).astype(np.uint8)
 
 
 class PairedFolderSource:
@@ -68,10 +76,12 @@ class PairedFolderSource:
     self._paths = [(os.path.join(folders['input'], n), os.path.join(folders['target'], n))
                    for n in self.names]
     for name, (inp, tgt) in zip(self.names, self._paths):
-      with Image.open(inp) as a, Image.open(tgt) as b:  # headers only: no decoding
-        if a.size != b.size:
-          raise ValueError(f'pair {name} differs in size: input {a.size[1]}x{a.size[0]}, '
-                           f'target {b.size[1]}x{b.size[0]} (HxW)')
+      # Headers only: refuses FIFOs and devices (whose open() blocks) and images above the
+      # pixel limit before anything is decoded.
+      a, b = image_io.read_size(inp), image_io.read_size(tgt)
+      if a != b:
+        raise ValueError(f'pair {name} differs in size: input {a[0]}x{a[1]}, '
+                         f'target {b[0]}x{b[1]} (HxW)')
     self.cache = cache
     self._cache: dict[int, dict[str, Any]] = {}
 
@@ -104,12 +114,10 @@ VALIDATION_PHOTOS = ('coffee', 'motorcycle')  # fixed, so validation PSNR compar
 
 def load_bundled_photos(names: Sequence[str] = BUNDLED_PHOTOS) -> dict[str, np.ndarray]:
   """The named scikit-image photos as uint8 (H, W, 3) arrays, read offline."""
-  import skimage.data
-
   photos = {}
   for name in names:
     if name not in BUNDLED_PHOTOS:
-      raise ValueError(f'unknown bundled photo {name!r}; choose from {BUNDLED_PHOTOS}')
+      raise DataError(f'unknown bundled photo {name!r}; choose from {BUNDLED_PHOTOS}')
     # motorcycle: the left view of the stereo pair (the right one is nearly the same photo).
     image = skimage.data.stereo_motorcycle()[0] if name == 'motorcycle' else getattr(
         skimage.data, name)()
@@ -142,7 +150,6 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, *,
   """A degraded copy of uint8 (H, W, 3): Gaussian noise (sigma on the 0-255 scale), Gaussian
   blur, motion blur (random line kernel), or 'mixed' (one of the three). Ranges are uniform
   [low, high]. Blurs reflect at the borders; the result is rounded and clipped to uint8."""
-  from scipy import ndimage, signal
 
   if kind == 'mixed':
     kind = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
@@ -161,7 +168,7 @@ def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, *,
     # FFT: a 21x21 kernel over a photo is ~10x faster than direct convolution.
     out = signal.fftconvolve(padded, kernel[..., None], mode='valid', axes=(0, 1))
   else:
-    raise ValueError(f'unknown degradation {kind!r}; choose from {DEGRADATIONS + ("mixed",)}')
+    raise DataError(f'unknown degradation {kind!r}; choose from {DEGRADATIONS + ("mixed",)}')
   return np.clip(np.rint(out), 0, 255).astype(np.uint8)
 
 
@@ -180,11 +187,11 @@ class SyntheticSource:
     if not isinstance(images, Mapping):
       images = {f'image{i:04d}': im for i, im in enumerate(images)}
     if not images:
-      raise ValueError('SyntheticSource needs at least one image')
+      raise DataError('SyntheticSource needs at least one image')
     self.names = list(images)
     self.images = [np.ascontiguousarray(im, dtype=np.uint8) for im in images.values()]
     if degradation not in DEGRADATIONS + ('mixed',):
-      raise ValueError(f'unknown degradation {degradation!r}')
+      raise DataError(f'unknown degradation {degradation!r}')
     self.degradation, self.seed, self.variants, self.ranges = degradation, seed, variants, ranges
 
   def __len__(self) -> int:
@@ -217,7 +224,6 @@ def _unwrap_one(batch_of_one: dict) -> dict:
 def _mark_absl_flags_parsed():
   # grain reads absl flags in its worker processes; outside `absl.app.run` they are
   # unparsed and every read raises. Marking them parsed keeps the defaults.
-  from absl import flags
   if not flags.FLAGS.is_parsed():
     flags.FLAGS.mark_as_parsed()
 
@@ -243,12 +249,12 @@ def make_train_loader(source, *, batch_size: int, patch_size: int, seed: int,
     num_epochs: None repeats forever. Batches may straddle epoch boundaries.
   """
   if augment not in ('deblur', 'plain'):
-    raise ValueError(f"augment must be 'deblur' or 'plain', got {augment!r}")
+    raise DataError(f"augment must be 'deblur' or 'plain', got {augment!r}")
   if not 0 <= shard_index < shard_count:
     raise ValueError(f'shard_index {shard_index} not in 0..{shard_count - 1}')
   per_shard = len(source) // shard_count
   if per_shard < batch_size:
-    raise ValueError(f'{len(source)} examples over {shard_count} processes is fewer than '
+    raise DataError(f'{len(source)} examples over {shard_count} processes is fewer than '
                      f'one batch of {batch_size} per process')
   _mark_absl_flags_parsed()
   shuffle_seed, augment_seed = np.random.SeedSequence([seed, shard_index]).generate_state(2)

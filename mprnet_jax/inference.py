@@ -3,7 +3,6 @@ loops behind `mprnet restore` and `mprnet evaluate`."""
 
 from __future__ import annotations
 
-import csv
 import os
 import warnings
 from collections.abc import Iterable
@@ -15,16 +14,63 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mprnet_jax import metrics, tiling
+from mprnet_jax import tiling
+from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
 from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
 from mprnet_jax.model import MPRNet, compute_dtype
 
 # Tile sizes tried, largest first, when a whole image does not fit in device memory.
 FALLBACK_TILES = (1024, 512, 256)
+# Peak working memory of one forward pass, per padded input pixel and per channel of
+# (n_feat + scale_orsnetfeats): XLA's buffer plan (`memory_analysis().temp_size_in_bytes`, CPU,
+# float32) is linear in the pixels, 5376 bytes/pixel for the deblurring sizes (96 + 32) and 992
+# for n_feat=16, scale_orsnetfeats=8, i.e. 41-42 per channel; 44 leaves a margin. Used as is for
+# bfloat16, where it overestimates.
+_BYTES_PER_PIXEL_CHANNEL = 44
+# Fraction of the free memory a whole-image pass may plan to use before tiling instead.
+_MEMORY_HEADROOM = 0.7
 
 
 def _is_out_of_memory(error: Exception) -> bool:
-  return 'RESOURCE_EXHAUSTED' in str(error) or 'out of memory' in str(error).lower()
+  return (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error)
+          or 'out of memory' in str(error).lower())
+
+
+def _free_memory_bytes(device) -> int | None:
+  """Memory free for a forward pass on `device`: the accelerator's free memory, or on the CPU
+  the system's available memory (MemAvailable), bounded by the container's (cgroup v2) limit
+  and the address-space limit; None when unknown."""
+  if device.platform != 'cpu':
+    try:
+      stats = device.memory_stats() or {}
+      return int(stats['bytes_limit']) - int(stats.get('bytes_in_use', 0))
+    except (KeyError, TypeError, ValueError, RuntimeError):
+      return None
+  free = None
+  try:
+    with open('/proc/meminfo') as info:
+      for line in info:
+        if line.startswith('MemAvailable:'):
+          free = int(line.split()[1]) * 1024
+  except OSError:
+    pass
+  try:  # a container's limit, which MemAvailable (the host's) does not show
+    limit = Path('/sys/fs/cgroup/memory.max').read_text().strip()
+    if limit != 'max':
+      left = int(limit) - int(Path('/sys/fs/cgroup/memory.current').read_text())
+      free = left if free is None else min(free, left)
+  except (OSError, ValueError):
+    pass
+  try:
+    import resource
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+      with open('/proc/self/statm') as statm:
+        used = int(statm.read().split()[0]) * os.sysconf('SC_PAGE_SIZE')
+      free = min(free if free is not None else soft, soft - used)
+  except (ImportError, OSError, ValueError):
+    pass
+  return free
 
 
 def _geometric(x: jax.Array, mode: int) -> jax.Array:
@@ -54,10 +100,16 @@ class Restorer:
       official demo's padding; larger buckets compile less often and change the output only
       near the bottom/right border.
     ensemble: average the 8 flips/rotations (geometric self-ensemble).
+    memory_budget: bytes a whole-image pass may use (None: 70% of the device's free memory,
+      on the CPU the system's available memory). Without `tile`, an image whose estimated
+      peak (`estimate_bytes`) exceeds it is restored in tiles from the start, with a warning:
+      on the CPU an oversized allocation may kill the process rather than raise an error. An
+      out-of-memory error that still happens falls back to tiles too.
   """
 
   def __init__(self, weights, *, dtype: str = 'float32', tile: int | None = None,
-               overlap: int = 64, bucket: int = 8, ensemble: bool = False):
+               overlap: int = 64, bucket: int = 8, ensemble: bool = False,
+               memory_budget: int | None = None):
     compute = compute_dtype(dtype)
     if bucket <= 0 or bucket % 8:
       raise ValueError(f'bucket must be a positive multiple of 8, got {bucket}')
@@ -66,12 +118,12 @@ class Restorer:
     else:
       from mprnet_jax.weights import load_model
       model = load_model(weights, dtype=compute)
-    if compute is not None and model.dtype != compute:
+    if jnp.dtype(model.dtype) != jnp.dtype(compute):  # always the dtype asked for
       rebuilt = nnx.eval_shape(lambda: MPRNet(**model.config.to_dict(), dtype=compute))
       nnx.update(rebuilt, nnx.state(model, nnx.Param))
       model = rebuilt
     self.model, self.tile, self.overlap, self.bucket = model, tile, overlap, bucket
-    self.ensemble = ensemble
+    self.ensemble, self.memory_budget = ensemble, memory_budget
     graphdef, params = nnx.split(model)
     self._params = params
 
@@ -91,22 +143,53 @@ class Restorer:
                 for mode in range(8))
     return total / 8.0
 
+  def estimate_bytes(self, height: int, width: int) -> int:
+    """Estimated peak memory of one whole-image forward pass on an (height, width) image
+    (padded to the bucket), parameters included."""
+    padded = -(-height // self.bucket) * self.bucket * (-(-width // self.bucket) * self.bucket)
+    config = self.model.config
+    params = sum(int(np.size(p)) * 4 for p in jax.tree_util.tree_leaves(self._params))
+    channels = config.n_feat + config.scale_orsnetfeats
+    return padded * channels * _BYTES_PER_PIXEL_CHANNEL + params
+
+  def _budget(self) -> int | None:
+    if self.memory_budget is not None:
+      return self.memory_budget
+    free = _free_memory_bytes(jax.devices()[0])
+    return None if free is None else int(free * _MEMORY_HEADROOM)
+
   def restore_float(self, image: np.ndarray) -> np.ndarray:
     """(H, W, 3) float32 in [0, 1] -> restored (H, W, 3) float32 in [0, 1]."""
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f'expected an (H, W, 3) image, got shape {image.shape}')
     if self.tile:
       return tiling.restore_tiled(self.apply_batch, image, self.tile, self.overlap, self.bucket)
-    try:
-      return tiling.restore_full(self.apply_batch, image, self.bucket)
-    except Exception as error:  # XLA reports running out of memory as a runtime error
-      if not _is_out_of_memory(error):
-        raise
-    for tile in FALLBACK_TILES:
-      if tile >= max(image.shape[:2]):
-        continue
-      warnings.warn(f'image of {image.shape[0]}x{image.shape[1]} does not fit in device memory; '
-                    f'restoring in {tile}-pixel tiles', stacklevel=2)
+    height, width = image.shape[:2]
+    budget, need = self._budget(), self.estimate_bytes(height, width)
+    tiles = [t for t in FALLBACK_TILES if t < max(height, width)]
+    if budget is not None and need > budget and tiles:
+      # Tile before running: on the CPU the kernel may kill the process instead of XLA
+      # reporting RESOURCE_EXHAUSTED, and then nothing could fall back.
+      fitting = [t for t in tiles if self.estimate_bytes(t, t) <= budget] or tiles[-1:]
+      warnings.warn(f'image of {height}x{width} needs about {need / 2**30:.1f} GiB to restore '
+                    f'whole, more than the {budget / 2**30:.1f} GiB budget on '
+                    f'{jax.devices()[0].platform}; restoring in {fitting[0]}-pixel tiles',
+                    stacklevel=2)
+      tiles = fitting
+    else:
+      try:
+        return tiling.restore_full(self.apply_batch, image, self.bucket)
+      except Exception as error:  # XLA reports running out of memory as a runtime error
+        if not _is_out_of_memory(error):
+          raise
+      if tiles:
+        warnings.warn(f'image of {height}x{width} does not fit in device memory; restoring in '
+                      f'{tiles[0]}-pixel tiles', stacklevel=2)
+    for index, tile in enumerate(tiles):
+      if index:
+        warnings.warn(f'image of {height}x{width} does not fit in device memory even in '
+                      f'{tiles[index - 1]}-pixel tiles; restoring in {tile}-pixel tiles',
+                      stacklevel=2)
       try:
         return tiling.restore_tiled(self.apply_batch, image, tile, min(self.overlap, tile // 4),
                                     self.bucket, batch_tiles=1)
@@ -131,10 +214,10 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
   for item in map(Path, inputs):
     if item.is_dir():
       files.extend(list_images(item))
-    elif item.is_file():
-      files.append(item)
-    else:
+    elif not item.exists():
       raise ImageError(f'{item}: no such file or folder')
+    else:  # refuses a FIFO, device or socket, whose open() could block forever
+      files.append(require_regular_file(item, ImageError, 'image file'))
   if not files:
     raise ImageError('no input images given')
   return files
@@ -154,6 +237,7 @@ def restore_files(restorer: Restorer, inputs: Iterable[str | os.PathLike],
   for target in targets:
     if target.resolve() in resolved_inputs:
       raise FileExistsError(f'{target}: would overwrite an input; choose another --output')
+    refuse_overwriting_inputs(target, files, FileExistsError)  # hard links: the same inode
   if len(set(targets)) != len(targets):
     raise ValueError('two inputs share a file name; restore them into separate folders')
   output_dir.mkdir(parents=True, exist_ok=True)
@@ -165,33 +249,15 @@ def restore_files(restorer: Restorer, inputs: Iterable[str | os.PathLike],
 
 
 def evaluate_folder(restorer: Restorer, data_dir: str | os.PathLike, *,
-                    csv_path: str | os.PathLike | None = None,
+                    csv_path: str | os.PathLike | None = None, protocol: str = 'rgb',
                     progress: bool = True) -> dict[str, float | list]:
-  """PSNR and SSIM (RGB, [0, 1]; see metrics.py) of the restorations of a paired folder
-  (`input/`, `target/`). Writes a CSV (one row per image, then the means) when asked."""
-  from mprnet_jax.data import PairedFolderSource
+  """PSNR and SSIM of the restorations of a paired folder (`input/`, `target/`) under
+  `protocol` (default 'rgb': RGB, [0, 1]; see `protocols.py`). Writes a CSV (one row per
+  image, then the means) when asked. The result also holds the rows under 'rows'."""
+  from mprnet_jax import protocols
 
-  source = PairedFolderSource(data_dir)
-  psnr_fn, ssim_fn = jax.jit(metrics.psnr), jax.jit(metrics.ssim)
-  rows = []
-  for index in tqdm(range(len(source)), desc='evaluate', unit='img', disable=not progress):
-    pair = source[index]
-    restored = restorer.restore_float(pair['input'].astype(np.float32) / 255.0)
-    # Score the 8-bit image that would be saved, as the official evaluation scripts do.
-    restored = np.round(restored * 255.0) / 255.0
-    target = pair['target'].astype(np.float32) / 255.0
-    rows.append({'name': pair['name'], 'psnr': float(psnr_fn(restored, target)),
-                 'ssim': float(ssim_fn(restored, target))})
-  summary = {'images': len(rows), 'psnr': float(np.mean([r['psnr'] for r in rows])),
-             'ssim': float(np.mean([r['ssim'] for r in rows])), 'rows': rows}
+  summary = protocols.evaluate_pairs(protocol, data_dir, restorer=restorer, progress=progress)
+  summary['rows'] = summary['per_image']
   if csv_path is not None:
-    csv_path = Path(csv_path)
-    csv_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(csv_path, 'w', newline='') as f:
-      writer = csv.DictWriter(f, fieldnames=['name', 'psnr', 'ssim'])
-      writer.writeheader()
-      writer.writerows({k: (f'{v:.6f}' if k != 'name' else v) for k, v in r.items()} for r in rows)
-      writer.writerow({'name': 'mean', 'psnr': f'{summary["psnr"]:.6f}',
-                       'ssim': f'{summary["ssim"]:.6f}'})
+    protocols.write_csv(csv_path, [summary])
   return summary
-

@@ -44,8 +44,9 @@ PRESETS = {
 }
 
 
-# Compute dtypes by name. float32 is None: the layers' default, which casts nothing.
-COMPUTE_DTYPES = {'float32': None, 'bfloat16': jnp.bfloat16}
+# Compute dtypes by name. Each is a real dtype (never None), so "compute in float32" can be
+# told apart from "leave the model as it is".
+COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 
 def compute_dtype(name: str):
@@ -122,13 +123,15 @@ class MPRNet(nnx.Module):
                scale_unetfeats: int | None = None, scale_orsnetfeats: int | None = None,
                num_cab: int | None = None, kernel_size: int | None = None,
                reduction: int | None = None, bias: bool | None = None, in_c: int | None = None,
-               out_c: int | None = None, dtype: Any = None, param_dtype: Any = jnp.float32,
+               out_c: int | None = None, dtype: Any = jnp.float32, param_dtype: Any = jnp.float32,
                remat: bool | str = False, rngs: nnx.Rngs | None = None):
     cfg = resolve_config(task, n_feat=n_feat, scale_unetfeats=scale_unetfeats,
                          scale_orsnetfeats=scale_orsnetfeats, num_cab=num_cab,
                          kernel_size=kernel_size, reduction=reduction, bias=bias, in_c=in_c,
                          out_c=out_c)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    # None was once the spelling of float32; keep accepting it, but store the real dtype.
+    dtype = jnp.dtype(jnp.float32 if dtype is None else dtype)
     self.config = cfg
     self.dtype = dtype
     n, k, r, b = cfg.n_feat, cfg.kernel_size, cfg.reduction, cfg.bias

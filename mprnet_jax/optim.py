@@ -14,6 +14,8 @@ import math
 import jax.numpy as jnp
 import optax
 
+from mprnet_jax.errors import ConfigError
+
 __all__ = ['epoch_learning_rate', 'learning_rate_schedule', 'make_optimizer']
 
 
@@ -68,7 +70,7 @@ def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
   base_lr, min_lr, warmup, cosine_length = _schedule_fields(config)
   unit = config.optim.get('schedule_unit', 'epoch')
   if unit not in ('epoch', 'step'):
-    raise ValueError(f"config.optim.schedule_unit must be 'epoch' or 'step', got {unit!r}")
+    raise ConfigError(f"config.optim.schedule_unit must be 'epoch' or 'step', got {unit!r}")
 
   def schedule(step):
     step = jnp.asarray(step)
@@ -103,4 +105,4 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
         optax.scale_by_learning_rate(schedule))
   if name == 'sgd':
     return optax.chain(*decay, optax.scale_by_learning_rate(schedule))
-  raise ValueError(f"config.optim.name must be 'adam' or 'sgd', got {name!r}")
+  raise ConfigError(f"config.optim.name must be 'adam' or 'sgd', got {name!r}")

@@ -1,8 +1,9 @@
 """Data parallelism: choosing a mode, the device mesh, placing the state and the batch, and
 starting JAX's multi-process runtime.
 
-Modes (see `mprnet_jax.train_step`): 'none' (one device), 'mesh' (jit over a 1-D mesh whose
-axis 'data' splits the batch; one process or many), 'pmap' (classic `jax.pmap`, one process).
+Modes (see `mprnet_jax.train_step`): 'mesh' (jit over a 1-D mesh whose axis 'data' splits the
+batch; one process or many), 'none' (the same on a mesh of one device), and 'pmap' (classic
+`jax.pmap`, one process: the one special case).
 
 Several processes (TPU pods, GPU clusters): call `initialize_distributed()` first thing; each
 process then loads its own slice of the data (batch_size / process_count examples) and
@@ -18,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from mprnet_jax.errors import ConfigError
+
 __all__ = ['choose_parallel', 'initialize_distributed', 'is_main_process', 'make_mesh',
+           'one_device_mesh',
            'place_batch', 'place_state', 'unplace_state']
 
 DATA_AXIS = 'data'
@@ -29,9 +33,9 @@ def choose_parallel(mode: str = 'auto') -> str:
   if mode == 'auto':
     return 'mesh' if jax.device_count() > 1 else 'none'
   if mode not in ('none', 'mesh', 'pmap'):
-    raise ValueError(f"parallel mode must be 'auto', 'none', 'mesh' or 'pmap', got {mode!r}")
+    raise ConfigError(f"parallel mode must be 'auto', 'none', 'mesh' or 'pmap', got {mode!r}")
   if mode == 'pmap' and jax.process_count() > 1:
-    raise ValueError("parallel='pmap' is single-process here; use 'mesh' across processes")
+    raise ConfigError("parallel='pmap' is single-process here; use 'mesh' across processes")
   return mode
 
 
@@ -42,11 +46,17 @@ def make_mesh(devices=None) -> Mesh:
   gradient all-reduce itself.
   """
   devices = jax.devices() if devices is None else list(devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
+                       devices=devices)
+
+
+def one_device_mesh() -> Mesh:
+  """The mesh of 'none': this process's first device."""
+  return make_mesh(jax.local_devices()[:1])
 
 
 def _local_mesh() -> Mesh:
-  return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+  return make_mesh(jax.local_devices())
 
 
 def _is_key(x) -> bool:
@@ -64,24 +74,28 @@ def _replicate_global(x, sharding: NamedSharding):
 def place_state(state, parallel: str, mesh: Mesh | None = None):
   """The state ready for the train step of `parallel`.
 
-  'none': unchanged. 'mesh': replicated over the mesh (`P()`); with several processes every
-  process must pass the same values. 'pmap': one copy per local device, stacked on a leading
-  axis.
+  'none' and 'mesh': replicated over the mesh (`P()`; 'none' uses the mesh of one device); with
+  several processes every process must pass the same values. 'pmap': one copy per local
+  device, stacked on a leading axis.
   """
-  if parallel == 'none':
-    return state
-  if parallel == 'mesh':
-    if mesh is None:
-      raise ValueError("parallel='mesh' needs a mesh (make_mesh())")
-    sharding = NamedSharding(mesh, P())
-    if jax.process_count() == 1:
-      return jax.device_put(state, sharding)
-    return jax.tree.map(lambda x: _replicate_global(x, sharding), state)
   if parallel == 'pmap':
     devices = jax.local_device_count()
     stacked = jax.tree.map(lambda x: jnp.broadcast_to(x[None], (devices,) + x.shape), state)
     return jax.device_put(stacked, NamedSharding(_local_mesh(), P(DATA_AXIS)))
-  raise ValueError(f'unknown parallel mode {parallel!r}')
+  sharding = NamedSharding(_mesh_of(parallel, mesh), P())
+  if jax.process_count() == 1 or parallel == 'none':
+    return jax.device_put(state, sharding)
+  return jax.tree.map(lambda x: _replicate_global(x, sharding), state)
+
+
+def _mesh_of(parallel: str, mesh: Mesh | None) -> Mesh:
+  if parallel == 'none':
+    return one_device_mesh()
+  if parallel != 'mesh':
+    raise ConfigError(f"parallel mode must be 'none', 'mesh' or 'pmap', got {parallel!r}")
+  if mesh is None:
+    raise ValueError("parallel='mesh' needs a mesh (make_mesh())")
+  return mesh
 
 
 def unplace_state(state, parallel: str):
@@ -89,18 +103,16 @@ def unplace_state(state, parallel: str):
   unreplicated values, or inspection): each leaf as a single-device array on this process's
   first device. With 'mesh' every process gets the same values.
   """
-  if parallel == 'none':
-    return state
-  if parallel == 'mesh':
-    return jax.tree.map(lambda x: x.addressable_data(0), state)
   if parallel == 'pmap':
     return jax.tree.map(lambda x: x.addressable_data(0)[0], state)
-  raise ValueError(f'unknown parallel mode {parallel!r}')
+  if parallel not in ('none', 'mesh'):
+    raise ValueError(f'unknown parallel mode {parallel!r}')
+  return jax.tree.map(lambda x: x.addressable_data(0), state)
 
 
 def _check_divisible(batch_size: int, devices: int, what: str) -> None:
   if batch_size % devices:
-    raise ValueError(
+    raise ConfigError(
         f'the per-process batch of {batch_size} examples does not divide over the {devices} '
         f'{what}; choose batch_size as a multiple of {jax.device_count()} (all devices)')
 
@@ -108,24 +120,14 @@ def _check_divisible(batch_size: int, devices: int, what: str) -> None:
 def place_batch(local_batch, parallel: str, mesh: Mesh | None = None):
   """This process's batch slice (a pytree of (B_local, ...) numpy arrays) -> the global batch.
 
-  'none': on the default device. 'mesh': one global array of B_local * process_count
-  examples, split on the mesh's 'data' axis (process p's slice lands on p's devices).
+  'mesh': one global array of B_local * process_count examples, split on the mesh's 'data'
+  axis (process p's slice lands on p's devices); 'none': the same on the mesh of one device.
   'pmap': reshaped to (local devices, B_local / local devices, ...) and spread over them.
   """
   leaves = jax.tree.leaves(local_batch)
   if not leaves:
     raise ValueError('empty batch')
   batch_size = leaves[0].shape[0]
-  if parallel == 'none':
-    return jax.device_put(local_batch)
-  if parallel == 'mesh':
-    if mesh is None:
-      raise ValueError("parallel='mesh' needs a mesh (make_mesh())")
-    local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
-    _check_divisible(batch_size, local_devices, 'devices of this process in the mesh')
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
-                        local_batch)
   if parallel == 'pmap':
     devices = jax.local_device_count()
     _check_divisible(batch_size, devices, 'local devices')
@@ -134,7 +136,12 @@ def place_batch(local_batch, parallel: str, mesh: Mesh | None = None):
         lambda x: jax.device_put(np.asarray(x).reshape((devices, batch_size // devices)
                                                        + x.shape[1:]), sharding),
         local_batch)
-  raise ValueError(f'unknown parallel mode {parallel!r}')
+  mesh = _mesh_of(parallel, mesh)
+  local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)
+  _check_divisible(batch_size, local_devices, 'devices of this process in the mesh')
+  sharding = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)),
+                      local_batch)
 
 
 def _launched_as_several_processes() -> bool:

@@ -1,17 +1,14 @@
 """Decoded image pairs in array_record shards: written once, read without TensorFlow.
 
-Decoding a 720p PNG costs ~43 ms, cropping raw uint8 ~15 us (DESIGN.md, decision 9), so a
-prepared set stores raw arrays. Two writers, one record layout each:
-
-- `write_shards`: plain array_record files, one record per pair:
+Decoding a 720p PNG costs ~43 ms and cropping raw uint8 ~15 us (measured, BENCHMARKS.md), so a
+prepared set stores raw arrays. `write_shards` writes plain array_record files, one record per
+pair:
   b'MPR1' + uint32 little-endian header length + JSON header
   {"name", "input": [H, W, C], "target": [H, W, C]} + input bytes + target bytes (uint8, C order).
-  Read back with `ShardSource` (array_record + grain only).
-- `PairedFolderBuilder`: a tensorflow-datasets builder (`file_format='array_record'`), for those
-  who keep their data as TFDS datasets. TFDS 4.9 builds and reads it without TensorFlow
-  installed; read it back with `TfdsSource`. Needs `pip install tensorflow-datasets`.
+`ShardSource` reads them back (array_record + grain only) as
+{'input': uint8 (H, W, 3), 'target': uint8 (H, W, 3), 'name': str}.
 
-Both sources return {'input': uint8 (H, W, 3), 'target': uint8 (H, W, 3), 'name': str}.
+The same pairs as a tensorflow-datasets dataset: `mprnet_jax.tfds_builder`.
 """
 
 from __future__ import annotations
@@ -25,6 +22,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordWriter
+from grain.sources import ArrayRecordDataSource
+from tqdm.auto import tqdm
+
+from mprnet_jax.errors import DataError
 
 _MAGIC = b'MPR1'
 # One record per group: a pair is megabytes, so grouping only slows random access.
@@ -45,7 +47,7 @@ def encode_pair(example: dict[str, Any]) -> bytes:
 def decode_pair(record: bytes) -> dict[str, Any]:
   """Inverse of `encode_pair`; the arrays are read-only views on the record bytes."""
   if record[:4] != _MAGIC:
-    raise ValueError('not an mprnet_jax shard record (bad magic bytes)')
+    raise DataError('not an mprnet_jax shard record (bad magic bytes)')
   (header_len,) = struct.unpack('<I', record[4:8])
   header = json.loads(record[8:8 + header_len])
   offset = 8 + header_len
@@ -78,21 +80,13 @@ def write_shards(
   Shard k holds a contiguous block of examples, in source order, so that a host reading a
   contiguous slice (see `data.make_train_loader`) opens few files.
   """
-  from array_record.python.array_record_module import ArrayRecordWriter
-
   n = len(source)
   if num_shards < 1 or num_shards > max(n, 1):
-    raise ValueError(f'num_shards must be in 1..{max(n, 1)} for {n} examples, got {num_shards}')
+    raise DataError(f'num_shards must be in 1..{max(n, 1)} for {n} examples, got {num_shards}')
   os.makedirs(directory, exist_ok=True)
   paths = shard_paths(directory, prefix, num_shards)
   bounds = np.linspace(0, n, num_shards + 1).astype(int)
-  bar = None
-  if progress:
-    try:
-      from tqdm import tqdm
-      bar = tqdm(total=n, desc='writing shards', unit='pair')
-    except ImportError:
-      pass
+  bar = tqdm(total=n, desc='writing shards', unit='pair') if progress else None
   for path, start, stop in zip(paths, bounds[:-1], bounds[1:]):
     writer = ArrayRecordWriter(path, writer_options)
     try:
@@ -116,8 +110,6 @@ class ShardSource:
   """
 
   def __init__(self, pattern: str | Sequence[str]):
-    from grain.sources import ArrayRecordDataSource
-
     if isinstance(pattern, str):
       if os.path.isdir(pattern):
         pattern = os.path.join(pattern, '*.array_record-*')
@@ -125,7 +117,7 @@ class ShardSource:
     else:
       paths = sorted(str(p) for p in pattern)
     if not paths:
-      raise ValueError(f'no shard files match {pattern!r}')
+      raise DataError(f'no shard files match {pattern!r}')
     self.paths = paths
     self._records = ArrayRecordDataSource(paths)
 
@@ -137,80 +129,3 @@ class ShardSource:
 
   def __repr__(self) -> str:
     return f'ShardSource({len(self.paths)} files, {len(self)} pairs)'
-
-
-class TfdsSource:
-  """Reads a split built by `PairedFolderBuilder` (TFDS array_record), without TensorFlow.
-
-  TFDS stores examples in its own shuffled order; `name` tells which pair is which.
-  """
-
-  def __init__(self, name: str, split: str, data_dir: str):
-    import tensorflow_datasets as tfds
-
-    _paired_folder_builder()  # registers the builder class so TFDS can find it by name
-    self._source = tfds.data_source(name, split=split, data_dir=data_dir)
-
-  def __len__(self) -> int:
-    return len(self._source)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    example = self._source[index]
-    name = example['name']
-    return {'input': example['input'], 'target': example['target'],
-            'name': name.decode() if isinstance(name, bytes) else str(name)}
-
-
-@functools.cache
-def _paired_folder_builder() -> type:
-  """Defines the TFDS builder class on first use: tensorflow-datasets stays optional."""
-  import tensorflow_datasets as tfds
-
-  class PairedFolderBuilder(tfds.core.GeneratorBasedBuilder):
-    """TFDS builder of paired folders (`<root>/input`, `<root>/target`), raw uint8 arrays.
-
-    Usage (no TensorFlow needed):
-      builder = PairedFolderBuilder(splits={'train': 'GoPro/train', 'test': 'GoPro/test'},
-                                    data_dir='tfds_data', file_format='array_record')
-      builder.download_and_prepare()
-      source = TfdsSource('paired_folder_builder', 'train', 'tfds_data')
-    """
-
-    VERSION = tfds.core.Version('1.0.0')
-
-    def __init__(self, *, splits: dict[str, str] | None = None, **kwargs):
-      self._split_roots = dict(splits or {})
-      kwargs.setdefault('file_format', 'array_record')
-      super().__init__(**kwargs)
-
-    def _info(self):
-      image = functools.partial(tfds.features.Tensor, shape=(None, None, 3),
-                                dtype=np.uint8, encoding='bytes')
-      return tfds.core.DatasetInfo(
-          builder=self,
-          description='Paired degraded/clean images, stored decoded (uint8 HxWx3).',
-          features=tfds.features.FeaturesDict(
-              {'input': image(), 'target': image(), 'name': tfds.features.Text()}))
-
-    def _split_generators(self, dl_manager):
-      del dl_manager  # local folders only
-      if not self._split_roots:
-        raise ValueError('PairedFolderBuilder needs splits={split_name: folder}')
-      return {split: self._generate_examples(root)
-              for split, root in self._split_roots.items()}
-
-    def _generate_examples(self, root):
-      from mprnet_jax.data import PairedFolderSource  # data imports this module
-
-      source = PairedFolderSource(root)
-      for i in range(len(source)):
-        example = source[i]
-        yield example['name'], example
-
-  return PairedFolderBuilder
-
-
-def __getattr__(name: str):
-  if name == 'PairedFolderBuilder':
-    return _paired_folder_builder()
-  raise AttributeError(f'module {__name__!r} has no attribute {name!r}')

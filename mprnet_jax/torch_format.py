@@ -24,10 +24,11 @@ OrderedDicts as plain dicts (order kept).
 from __future__ import annotations
 
 import io
+import math
 import os
 import pickle
+import pickletools
 import struct
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -42,6 +43,7 @@ __all__ = ["CheckpointError", "load_pth", "save_pth"]
 
 
 from mprnet_jax.errors import CheckpointError  # noqa: E402  (re-exported here, as before)
+from mprnet_jax.files import atomic_output, require_regular_file  # noqa: E402
 
 
 # Storage class names and dtype names -> numpy dtype. None = unsupported here.
@@ -85,9 +87,12 @@ _DTYPES = {
 }
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _ALIGN = 64  # torch aligns storage bytes to 64 in the zip so the file can be memory-mapped
-# Expanded tensors (stride 0) may hold more elements than their storage; cap what they may
-# inflate to so a 4-byte storage cannot ask for terabytes.
-_MAX_EXPANDED = 1 << 28
+# Memory budget for an untrusted file. torch.save stores every zip entry uncompressed, so the
+# bytes expanded from the archive may not exceed the archive's own size. The tensors built from
+# the storages may not exceed twice the storages' real bytes plus this slack: a state dict's
+# tensors are views that cover their storages about once, while stride-0 ("expanded") tensors
+# would otherwise let a 16-byte storage ask for gigabytes.
+_TENSOR_SLACK_BYTES = 64 << 20
 
 
 class _Sealed:
@@ -168,9 +173,61 @@ for _n, _dt in _STORAGES.items():
 _ALLOWED.update({("torch", _n): _DType(_n, _dt) for _n, _dt in _DTYPES.items()})
 
 
+def _check_memo(f, name):
+  """Walks the pickle at `f`'s position opcode by opcode (nothing is built) and refuses a memo
+    index beyond the number of opcodes read so far; then rewinds. A pickler numbers its memo
+    entries 0, 1, 2, ..., while CPython's unpickler sizes its memo table to the largest index
+    it sees, so a LONG_BINPUT of 0x20000000 would allocate gigabytes from a few bytes."""
+  start = f.tell()
+  try:
+    for count, (op, arg, _) in enumerate(pickletools.genops(f)):
+      if op.name in ("PUT", "BINPUT", "LONG_BINPUT") and (type(arg) is not int or arg > count):
+        raise CheckpointError(f"{name}: pickle memo index {arg!r} at opcode {count} is out of "
+                              "range (a corrupt or hostile file)")
+  except ValueError as e:  # genops' word for an unknown opcode or a stream that ends early
+    if isinstance(e, CheckpointError):
+      raise
+    raise CheckpointError(f"{name}: truncated or corrupt pickle ({e})") from None
+  f.seek(start)
+
+
+class _Capped(io.RawIOBase):
+  """Read-only view of a file that never returns (or asks the OS for) more bytes than the file
+    has left: a pickle opcode declaring a 4 GiB string would otherwise allocate 4 GiB first."""
+
+  def __init__(self, f, size):
+    super().__init__()
+    self.f, self.size = f, size
+
+  def readable(self):
+    return True
+
+  def seekable(self):
+    return True
+
+  def tell(self):
+    return self.f.tell()
+
+  def seek(self, offset, whence=io.SEEK_SET):
+    return self.f.seek(offset, whence)
+
+  def read(self, n=-1):
+    left = max(self.size - self.f.tell(), 0)
+    return self.f.read(left if n is None or n < 0 or n > left else n)
+
+  def readinto(self, buffer):
+    data = self.read(len(buffer))
+    buffer[:len(data)] = data
+    return len(data)
+
+  def readline(self, limit=-1):
+    return self.f.readline(limit)
+
+
 class _Unpickler(pickle.Unpickler):
 
   def __init__(self, file, name, legacy):
+    _check_memo(file, name)
     super().__init__(file)
     self.name, self.legacy, self.storages = name, legacy, {}
 
@@ -208,8 +265,13 @@ class _Unpickler(pickle.Unpickler):
 def _materialise(obj, arrays, name):
   """Replace every _TensorRef in the unpickled tree by its array (lists/dicts in place).
     `seen` maps id -> (original, result): shared objects stay shared, cycles terminate, and
-    keeping the original alive stops its id being reused while we walk."""
+    keeping the original alive stops its id being reused while we walk. The tensors together
+    may not take more than the memory budget (see _TENSOR_SLACK_BYTES), checked before each
+    one is allocated."""
   seen = {}
+  storage_bytes = sum(a.nbytes for a in arrays.values())
+  budget = {"left": 2 * storage_bytes + _TENSOR_SLACK_BYTES,
+            "limit": 2 * storage_bytes + _TENSOR_SLACK_BYTES}
 
   def walk(x):
     if id(x) in seen:
@@ -217,7 +279,7 @@ def _materialise(obj, arrays, name):
     if isinstance(x, _TensorRef):
       if x.storage.key not in arrays:
         raise CheckpointError(f"{name}: storage {x.storage.key} has no data in the file")
-      seen[id(x)] = (x, _tensor(x, arrays[x.storage.key], name))
+      seen[id(x)] = (x, _tensor(x, arrays[x.storage.key], name, budget))
     elif isinstance(x, list):
       seen[id(x)] = (x, x)
       x[:] = [walk(v) for v in x]
@@ -240,7 +302,7 @@ def _materialise(obj, arrays, name):
   return walk(obj)
 
 
-def _tensor(t, storage, name):
+def _tensor(t, storage, name, budget):
   order = ">" if storage.dtype.byteorder == ">" else "<"
   dt = np.dtype(t.dtype).newbyteorder(order)
   s = storage if dt == storage.dtype else storage.view(dt)  # untyped storage + v3 dtype
@@ -250,14 +312,18 @@ def _tensor(t, storage, name):
       raise CheckpointError(f"{name}: storage view {t.storage.view} is outside "
                             f"storage {t.storage.key}")
     s = s[off:off + n]
-  count = int(np.prod(t.size, dtype=np.int64))
+  count = math.prod(t.size)  # Python ints: an int64 product of hostile sizes could wrap
   last = t.offset + sum((n - 1) * st for n, st in zip(t.size, t.stride)) if count else 0
   if count and last >= s.size:
     raise CheckpointError(f"{name}: tensor of size {t.size} stride {t.stride} offset "
                           f"{t.offset} is outside its storage {t.storage.key} ({s.size} elements)")
-  if count > max(s.size, _MAX_EXPANDED):
-    raise CheckpointError(f"{name}: tensor of size {t.size} is too large for its storage")
   native = dt.newbyteorder("=")
+  nbytes = count * native.itemsize
+  if nbytes > budget["left"]:
+    raise CheckpointError(f"{name}: tensor of size {t.size} ({nbytes} bytes) would take the "
+                          f"file's tensors past their limit of {budget['limit']} bytes (twice "
+                          "its storages plus 64 MiB; stride-0 tensors expand beyond their data)")
+  budget["left"] -= nbytes
   if count == 0:
     return np.zeros(t.size, native)
   # Bounds were checked above, so as_strided never reads outside the storage's buffer.
@@ -284,31 +350,39 @@ def _load_zip(f, name):
                             "not a torch.save checkpoint")
     prefix = pkls[0][:-len("data.pkl")]
     names = set(zf.namelist())
+    archive_bytes = f.seek(0, io.SEEK_END)
+    left = [archive_bytes]
+
+    def read(entry, what):
+      # torch.save stores entries uncompressed, so together they cannot be larger than the
+      # file; an entry that would take the total past it is refused before it is expanded
+      # (zipfile stops expanding at the size the entry declares).
+      expanded = zf.getinfo(entry).file_size
+      if expanded > left[0]:
+        raise CheckpointError(f"{name}: {what} would expand the {archive_bytes}-byte file past "
+                              f"its own size ({expanded} bytes more; limit: the file's size, as "
+                              "torch.save does not compress)")
+      left[0] -= expanded
+      return zf.read(entry)
+
     byteorder = "little"
     if prefix + "byteorder" in names:
-      byteorder = zf.read(prefix + "byteorder").decode("ascii", "replace").strip()
+      byteorder = read(prefix + "byteorder", "byteorder").decode("ascii", "replace").strip()
       if byteorder not in ("little", "big"):
-        raise CheckpointError(f"{name}: unknown byteorder {byteorder!r}")
-    up = _Unpickler(io.BytesIO(zf.read(pkls[0])), name, legacy=False)
+        raise CheckpointError(f"{name}: unknown byteorder {byteorder[:20]!r}")
+    up = _Unpickler(io.BytesIO(read(pkls[0], "data.pkl")), name, legacy=False)
     obj = up.load()
-    archive_bytes = f.seek(0, io.SEEK_END)
     arrays = {}
     for key, ref in up.storages.items():  # each storage read once, however many tensors use it
       entry = f"{prefix}data/{key}"
       if entry not in names:
         raise CheckpointError(f"{name}: storage {key} missing from the archive")
-      # torch.save stores storages uncompressed, so none can be larger than the file; a
-      # compressed entry that would be is refused before it is expanded into memory.
-      expanded = zf.getinfo(entry).file_size
-      if expanded > archive_bytes:
-        raise CheckpointError(f"{name}: storage {key} would expand to {expanded} bytes, more "
-                              f"than the {archive_bytes}-byte file (a compressed archive is "
-                              "not a torch.save checkpoint)")
-      arrays[key] = _storage_array(ref, zf.read(entry), byteorder, name)
+      arrays[key] = _storage_array(ref, read(entry, f"storage {key}"), byteorder, name)
     return _materialise(obj, arrays, name)
 
 
 def _load_legacy(f, name, size):
+  f = _Capped(f, size)
 
   class _Plain(_Unpickler):  # header pickles and the key list: no globals, no storages
 
@@ -355,6 +429,7 @@ def load_pth(path) -> object:
     checkpoint or that names a global outside the allow-list.
     """
   name = os.fspath(path)
+  require_regular_file(name, CheckpointError, "checkpoint file")
   try:
     f = open(name, "rb")
   except FileNotFoundError:
@@ -499,11 +574,9 @@ def save_pth(obj, path, *, overwrite: bool = False) -> None:
   wr.out.append(b".")
   prefix = "archive/"
   try:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-  except OSError as e:
-    raise CheckpointError(f"{name}: cannot write ({e.strerror or e})") from None
-  try:
-    with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+    # Written beside the target and renamed; created with 0666 & ~umask like any other file.
+    with atomic_output(target, CheckpointError) as tmp, open(tmp, "wb") as f, \
+        zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
       # No `.format_version`: version 1 tells torch it may compute storage offsets by
       # assuming miniz's exact layout (data descriptors after each entry), which Python's
       # zipfile does not write; without it torch reads each entry's real offset.
@@ -515,15 +588,8 @@ def save_pth(obj, path, *, overwrite: bool = False) -> None:
         if isinstance(data, np.ndarray):
           data = np.ascontiguousarray(data, data.dtype.newbyteorder("<")).tobytes()
         _write_aligned(f, zf, prefix + entry, data, name)
-    os.replace(tmp, target)
-  except BaseException as e:
-    try:
-      os.unlink(tmp)
-    except OSError:
-      pass
-    if isinstance(e, OSError):
-      raise CheckpointError(f"{name}: cannot write ({e.strerror or e})") from None
-    raise
+  except OSError as e:
+    raise CheckpointError(f"{name}: cannot write ({e.strerror or e})") from None
 
 
 def _write_aligned(f, zf, entry, data, name):

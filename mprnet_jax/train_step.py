@@ -28,11 +28,14 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mprnet_jax.augment import mixup
+from mprnet_jax.builders import build_model, build_optimizer
+from mprnet_jax.errors import ConfigError
 from mprnet_jax.losses import mprnet_loss_terms
 from mprnet_jax.model import MPRNet, MPRNetConfig
 from mprnet_jax.model import compute_dtype as model_compute_dtype
 from mprnet_jax.layers import normalize_remat
-from mprnet_jax.optim import learning_rate_schedule, make_optimizer
+from mprnet_jax.optim import learning_rate_schedule
+from mprnet_jax.parallel import DATA_AXIS, one_device_mesh
 
 __all__ = ['TrainState', 'check_nonfinite', 'compute_dtype', 'create_train_state',
            'make_eval_step', 'make_train_step']
@@ -66,7 +69,7 @@ def compute_dtype(config):
   try:
     return model_compute_dtype(name)
   except ValueError as error:
-    raise ValueError(f'config.model.{error}') from None
+    raise ConfigError(f'config.model.{error}') from None
 
 
 def _remat(config) -> str:
@@ -74,16 +77,7 @@ def _remat(config) -> str:
   try:
     return normalize_remat(model_config.get('remat', False) if model_config is not None else False)
   except ValueError as error:
-    raise ValueError(f'config.model.{error}') from None
-
-
-def _model_from_config(config, seed: int) -> MPRNet:
-  """A freshly initialised MPRNet: the preset of `config.task`, overridden by any size fields
-  (n_feat, num_cab, ...) present in `config.model`."""
-  model_config = config.get('model', None) or {}
-  sizes = {f: model_config.get(f) for f in MPRNetConfig.__dataclass_fields__
-           if model_config.get(f, None) is not None}
-  return MPRNet(config.get('task', None), **sizes, rngs=nnx.Rngs(seed))
+    raise ConfigError(f'config.model.{error}') from None
 
 
 def _graphdef_for(model_config: MPRNetConfig, config) -> tuple[nnx.GraphDef, Any]:
@@ -103,7 +97,7 @@ def create_train_state(model: MPRNet | None, config, steps_per_epoch: int,
   the caller's model stays usable) and must be float32.
   """
   if model is None:
-    model = _model_from_config(config, seed)
+    model = build_model(config, seed)
   _, params = nnx.split(model, nnx.Param)
   graphdef, abstract = _graphdef_for(model.config, config)
   expected = jax.tree.map(lambda a: (a.shape, a.dtype), abstract)
@@ -111,7 +105,7 @@ def create_train_state(model: MPRNet | None, config, steps_per_epoch: int,
   if expected != found:
     raise ValueError('the model\'s parameters do not match an MPRNet of its sizes with float32 '
                      'parameters (build it with param_dtype=float32)')
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = build_optimizer(config, steps_per_epoch)
   zero = jnp.zeros((), jnp.int32)
   state = TrainState(step=zero, params=params, opt_state=tx.init(params),
                      rng=jax.random.key(seed), nonfinite=zero, skipped_total=zero)
@@ -135,7 +129,7 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
     'pmap', (devices, B / devices, H, W, 3)). rng: a key for MixUp, folded with the step
     (None: the state's own key). The state must be placed by `parallel.place_state`; it is
     donated. For 'none' and 'mesh', `step_fn.lower(state, batch, rng=None)` gives the jitted
-    step's `Lowered` (ahead-of-time compilation).
+    step's `Lowered` (ahead-of-time compilation); 'none' runs as a mesh of one device.
   metrics: float32 scalars `loss`, `charbonnier_sum`, `edge_sum` (tasks with the edge loss),
     `lr` (the rate this step's update used), `grad_norm`, `nonfinite` (1.0: update skipped).
 
@@ -145,7 +139,7 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
   partners come from the whole global batch.
   """
   _check_parallel(parallel, mesh)
-  tx = make_optimizer(config, steps_per_epoch)
+  tx = build_optimizer(config, steps_per_epoch)
   schedule = learning_rate_schedule(config, steps_per_epoch)
   task = config.task
   mixup_start = config.get('mixup_start_epoch', None)
@@ -197,66 +191,52 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
     metrics['nonfinite'] = skipped.astype(jnp.float32)
     return new_state, metrics
 
-  if parallel in ('none', 'mesh'):
-    if parallel == 'none':
-      jitted = jax.jit(step, donate_argnums=(0,))
-    else:
-      replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-      jitted = jax.jit(step, in_shardings=(replicated, data, replicated),
-                       out_shardings=(replicated, replicated), donate_argnums=(0,))
+  if parallel == 'pmap':
+    return _PmapStep(jax.pmap(step, axis_name='data', in_axes=(0, 0, None), donate_argnums=(0,)))
+  # 'none' is the mesh of one device: one code path for both.
+  mesh = mesh if parallel == 'mesh' else one_device_mesh()
+  replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
+  return TrainStep(jax.jit(step, in_shardings=(replicated, data, replicated),
+                           out_shardings=(replicated, replicated), donate_argnums=(0,)))
 
-    def step_fn(state, batch, rng=None):
-      return jitted(state, batch, rng)
 
-    # Ahead-of-time compilation, e.g. to compile on every process before the first step runs.
-    step_fn.lower = lambda state, batch, rng=None: jitted.lower(state, batch, rng)
-    return step_fn
-  mapped = jax.pmap(step, axis_name='data', in_axes=(0, 0, None), donate_argnums=(0,))
+class TrainStep:
+  """The jitted step of 'none' and 'mesh': `step(state, batch, rng=None)`, and `lower(...)` for
+  ahead-of-time compilation (e.g. on every process before the first step runs)."""
 
-  def pmap_step(state, batch, rng=None):
-    state, metrics = mapped(state, batch, rng)
-    # pmean made the metrics equal on every device: report them once, as scalars.
+  def __init__(self, jitted):
+    self.jitted = jitted
+
+  def __call__(self, state, batch, rng=None):
+    return self.jitted(state, batch, rng)
+
+  def lower(self, state, batch, rng=None):
+    return self.jitted.lower(state, batch, rng)
+
+
+class _PmapStep:
+  """The pmapped step; pmean made the metrics equal on every device, so they come back once,
+  as scalars."""
+
+  def __init__(self, mapped):
+    self.mapped = mapped
+
+  def __call__(self, state, batch, rng=None):
+    state, metrics = self.mapped(state, batch, rng)
     return state, {k: v.addressable_data(0)[0] for k, v in metrics.items()}
 
-  return pmap_step
 
+def make_eval_step(graphdef: nnx.GraphDef, config):
+  """`fn(params, inputs) -> restored`, on one device: the final stage output, (N, H, W, 3)
+  float32 in [0, 1], for inputs (N, H, W, 3) and unplaced params (`parallel.unplace_state`)."""
+  del config  # the compute dtype and remat are in the graphdef
 
-def make_eval_step(graphdef: nnx.GraphDef, config, *, parallel: str = 'none', mesh=None):
-  """`fn(params, inputs) -> restored`: the final stage output, (N, H, W, 3) float32 in [0, 1].
-
-  inputs: (N, H, W, 3). params: as in the placed TrainState ('pmap': with the device axis).
-  'mesh' splits the batch over the mesh when N divides by its size (else every device runs
-  the whole batch); 'pmap' needs N divisible by the local device count.
-  """
-  _check_parallel(parallel, mesh)
-
+  @jax.jit
   def forward(params, inputs):
     final = nnx.merge(graphdef, params)(jnp.asarray(inputs, jnp.float32))[0]
     return jnp.clip(final, 0.0, 1.0)
 
-  if parallel == 'none':
-    return jax.jit(forward)
-  if parallel == 'mesh':
-    jitted = jax.jit(forward)
-    replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P('data'))
-
-    def mesh_eval(params, inputs):
-      if not (isinstance(inputs, jax.Array) and not inputs.is_fully_addressable):
-        inputs = jax.device_put(inputs, data if inputs.shape[0] % mesh.size == 0 else replicated)
-      return jitted(jax.device_put(params, replicated), inputs)
-
-    return mesh_eval
-  mapped = jax.pmap(forward, axis_name='data')
-
-  def pmap_eval(params, inputs):
-    devices = jax.local_device_count()
-    n = inputs.shape[0]
-    if n % devices:
-      raise ValueError(f'{n} images do not divide over {devices} local devices')
-    restored = mapped(params, jnp.reshape(inputs, (devices, n // devices) + inputs.shape[1:]))
-    return restored.reshape((n,) + restored.shape[2:])
-
-  return pmap_eval
+  return forward
 
 
 def _host_max(value) -> int:

@@ -22,23 +22,18 @@ from typing import Any
 
 import jax
 import numpy as np
-from flax import nnx
 
 from mprnet_jax import data as data_lib
 from mprnet_jax import parallel as parallel_lib
 from mprnet_jax import train_step as step_lib
+from mprnet_jax.builders import build_model, build_sources
 from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock
-from mprnet_jax.config_loading import config_to_dict
+from mprnet_jax.config_loading import config_to_dict, validate_config
 from mprnet_jax.errors import MprnetError
 from mprnet_jax.metrics import psnr
-from mprnet_jax.model import MPRNet
 from mprnet_jax.train_logging import MetricsLogger
 
-__all__ = ['train', 'build_sources', 'build_model', 'NonFiniteTraining', 'quiet_xla_logs']
-
-# Validation degradations of synthetic data use their own fixed seed, so validation PSNRs
-# compare across runs whatever `config.seed` is.
-_VALIDATION_SEED = 20210301
+__all__ = ['train', 'NonFiniteTraining', 'quiet_xla_logs']
 
 
 # Lines XLA's GPU autotuner logs by the hundred at LOG(ERROR) during the first compile, harmless
@@ -101,44 +96,6 @@ def quiet_xla_logs() -> None:
       pass
 
   atexit.register(restore)
-
-
-def _clean_images_in(folder: str) -> dict[str, np.ndarray]:
-  names = sorted(f for f in os.listdir(folder) if f.lower().endswith(data_lib.IMAGE_EXTENSIONS))
-  if not names:
-    raise ValueError(f'no images in {folder} (synthetic data needs clean images)')
-  return {name: data_lib.load_rgb(os.path.join(folder, name)) for name in names}
-
-
-def build_sources(config) -> tuple[Any, Any]:
-  """(train source, validation source) of `config.data` (see experiments/base.py)."""
-  data = config.data
-  if data.kind == 'synthetic':
-    train_clean, val_clean = data_lib.bundled_photo_split()
-    if data.train_dir:
-      train_clean = _clean_images_in(data.train_dir)
-    if data.val_dir:
-      val_clean = _clean_images_in(data.val_dir)
-    ranges = {'noise_sigma': tuple(data.noise_sigma)}
-    train = data_lib.SyntheticSource(train_clean, data.degradation, seed=config.seed,
-                                     variants=data.variants, **ranges)
-    val = data_lib.SyntheticSource(val_clean, data.degradation, seed=_VALIDATION_SEED, **ranges)
-    return train, val
-  if data.kind == 'paired':
-    train = data_lib.PairedFolderSource(data.train_dir, cache=data.cache)
-    if data.cache:
-      train.preload()  # decode once, before grain's workers copy the source
-    return train, data_lib.PairedFolderSource(data.val_dir)
-  if data.kind == 'shards':
-    return data_lib.ShardSource(data.train_dir), data_lib.ShardSource(data.val_dir)
-  raise ValueError(f"config.data.kind must be 'synthetic', 'paired' or 'shards', got {data.kind!r}")
-
-
-def build_model(config) -> MPRNet:
-  """A freshly initialised float32 MPRNet of `config.model` (preset, then explicit sizes)."""
-  model = config.model
-  sizes = {k: model.get(k) for k in ('n_feat', 'scale_unetfeats', 'scale_orsnetfeats', 'num_cab')}
-  return MPRNet(model.task_preset or None, **sizes, rngs=nnx.Rngs(config.seed))
 
 
 class _StopRequest:
@@ -230,6 +187,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   One trainer per workdir: a second one (on any host) raises a one-line MprnetError before it
   touches the workdir (`checkpoints.WorkdirLock`)."""
   start_time = time.time()
+  validate_config(config)  # before anything is built or written
   parallel_lib.initialize_distributed()
   with WorkdirLock(workdir):
     return _train(config, os.fspath(workdir), start_time)
@@ -283,14 +241,10 @@ def _train(config, workdir: str, start_time: float) -> dict:
 
   parallel = parallel_lib.choose_parallel(config.parallel)
   mesh = parallel_lib.make_mesh() if parallel == 'mesh' else None
-  if parallel == 'none':
-    # Restored arrays are committed to a device; commit fresh ones too, so a resumed run
-    # hits the compilation cache of the first instead of compiling the step again.
-    state = jax.device_put(state, jax.local_devices()[0])
   state = parallel_lib.place_state(state, parallel, mesh)
   step_fn = step_lib.make_train_step(graphdef, config, steps_per_epoch, parallel=parallel,
                                      mesh=mesh)
-  eval_fn = step_lib.make_eval_step(graphdef, config, parallel='none')
+  eval_fn = step_lib.make_eval_step(graphdef, config)
   logger = MetricsLogger(workdir, enabled=main)
   logger.truncate_after(start_step)
   say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '

@@ -4,6 +4,8 @@ Format (documented in the README): the tensors are the official PyTorch `state_d
 keys, OIHW conv weights, float32, the shared PReLU under each of its keys), so the same file
 also serves PyTorch users (`safetensors.torch.load_file`); the header's metadata holds
 `format = "mprnet-jax/1"`, `config` (the MPRNet sizes as JSON) and, when known, `task`.
+Files written by `safetensors.torch.save_model` (the shared PReLU stored once, the other keys
+named in the metadata) are read too: the shared PReLU comes from its one stored copy.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from mprnet_jax.conversion import from_pytorch, to_pytorch_state_dict
+from mprnet_jax.conversion import check_task, from_pytorch, to_pytorch_state_dict
+from mprnet_jax.files import atomic_output, require_regular_file
 from mprnet_jax.model import MPRNet
 from mprnet_jax.torch_format import CheckpointError, save_pth
 
@@ -23,7 +26,8 @@ FORMAT = 'mprnet-jax/1'
 
 def save_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None = None,
                  overwrite: bool = False) -> Path:
-  """Writes `model`'s weights to `path` (.safetensors); refuses to overwrite unless asked."""
+  """Writes `model`'s weights to `path` (.safetensors); refuses to overwrite unless asked, and
+  a `task` whose preset sizes are not the model's. The file follows the umask."""
   from safetensors.numpy import save_file
 
   path = Path(path)
@@ -31,16 +35,16 @@ def save_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None = N
     raise ValueError(f'{path}: weights are written as .safetensors')
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass overwrite=True to replace it)')
+  check_task(model.config, task, str(path))
   tensors = {k: np.ascontiguousarray(v, dtype=np.float32)
              for k, v in to_pytorch_state_dict(model).items()}
   metadata = {'format': FORMAT, 'config': json.dumps(model.config.to_dict())}
   if task:
     metadata['task'] = task
   path.parent.mkdir(parents=True, exist_ok=True)
-  # Write beside the target and rename, so a failure never leaves a half-written file.
-  partial = path.with_name(path.name + '.partial')
-  save_file(tensors, str(partial), metadata=metadata)
-  os.replace(partial, path)
+  # Written beside the target and renamed, so a failure never leaves a half-written file.
+  with atomic_output(path, CheckpointError) as partial:
+    save_file(tensors, str(partial), metadata=metadata)
   return path
 
 
@@ -48,9 +52,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[s
   """(official state dict, metadata) of a .safetensors file; CheckpointError if unreadable."""
   from safetensors import SafetensorError, safe_open
 
-  path = Path(path)
-  if not path.is_file():
-    raise CheckpointError(f'{path}: no such file')
+  path = require_regular_file(path, CheckpointError, 'weight file')
   try:
     with safe_open(str(path), framework='numpy') as f:
       metadata = dict(f.metadata() or {})
@@ -67,6 +69,19 @@ def load_weights(path: str | os.PathLike, *, dtype=None) -> MPRNet:
   return from_pytorch(tensors, task=None, dtype=dtype, source=str(path))
 
 
+def recorded_task(path: str | os.PathLike) -> str | None:
+  """The `task` in a .safetensors file's metadata (None for anything else, or none recorded)."""
+  path = Path(path)
+  if path.suffix != '.safetensors' or not path.is_file():
+    return None
+  from safetensors import SafetensorError, safe_open
+  try:
+    with safe_open(str(path), framework='numpy') as f:
+      return (f.metadata() or {}).get('task') or None
+  except (SafetensorError, OSError, ValueError):
+    return None
+
+
 def load_model(path: str | os.PathLike, *, dtype=None) -> MPRNet:
   """An MPRNet from whatever `path` is: our .safetensors, an official .pth, or a training
   workdir (its best, else latest, checkpoint)."""
@@ -76,6 +91,7 @@ def load_model(path: str | os.PathLike, *, dtype=None) -> MPRNet:
     return load_model_from_workdir(path, dtype=dtype)
   if not path.exists():
     raise CheckpointError(f'{path}: no such file or directory')
+  require_regular_file(path, CheckpointError, 'weight file')  # a FIFO would block open()
   if path.suffix == '.safetensors':
     return load_weights(path, dtype=dtype)
   return from_pytorch(path, dtype=dtype)
@@ -90,6 +106,7 @@ def export_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None =
     return save_weights(model, path, task=task, overwrite=overwrite)
   if path.suffix not in ('.pth', '.pt'):
     raise ValueError(f'{path}: export writes .pth, .pt or .safetensors')
+  check_task(model.config, task, str(path))
   path.parent.mkdir(parents=True, exist_ok=True)
   save_pth({'state_dict': to_pytorch_state_dict(model)}, path, overwrite=overwrite)
   return path

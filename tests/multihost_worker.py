@@ -24,16 +24,15 @@ STEPS_PER_EPOCH = 1000  # all steps in epoch 0: a constant learning rate (no war
 
 
 def tiny_config(optimizer: str = 'adam', lr: float = 2e-4) -> ml_collections.ConfigDict:
-  config = ml_collections.ConfigDict()
-  config.task = 'deblurring'
+  """The packaged base config with a constant learning rate over the test's steps."""
+  from mprnet_jax.configs import base
+  config = base.get_config()
   config.batch_size = GLOBAL_BATCH
   config.num_epochs = 10
-  config.mixup_start_epoch = None
   config.max_nonfinite = 5
-  config.optim = ml_collections.ConfigDict(dict(
-      name=optimizer, lr=lr, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, min_lr=1e-6,
-      warmup_epochs=0, cosine_extra_epochs=0, schedule_unit='epoch'))
-  config.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
+  config.optim.name = optimizer
+  config.optim.lr = lr
+  config.optim.warmup_epochs = 0
   return config
 
 
@@ -67,9 +66,9 @@ def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS):
   if jax.process_count() > 1:
     # Compile everywhere first, then start together: gloo gives up connecting the processes
     # after ~30 s, less than one process may take longer than another to compile.
+    from jax.experimental import multihost_utils
     compiled = step_fn.lower(state, batch).compile()
-    from jax._src import distributed
-    distributed.global_state.client.wait_at_barrier('mprnet_compiled', 300_000)
+    multihost_utils.sync_global_devices('mprnet_compiled')
     step_fn = lambda state, batch: compiled(state, batch, None)  # noqa: E731
   losses = []
   for _ in range(steps):

@@ -176,7 +176,9 @@ def test_code_in_a_checkpoint_never_runs(tmp_path):
 
 def test_weight_file_round_trip_and_load_model(tmp_path):
   model = from_pytorch(FIXTURES / 'tiny.pth')
-  path = save_weights(model, tmp_path / 'tiny.safetensors', task='deblurring')
+  with pytest.raises(CheckpointError, match="sizes do not match task 'deblurring'"):
+    save_weights(model, tmp_path / 'tiny.safetensors', task='deblurring')  # n_feat=16 is not it
+  path = save_weights(model, tmp_path / 'tiny.safetensors')
   with pytest.raises(FileExistsError):
     save_weights(model, path)
   for loaded in (load_weights(path), load_model(path), load_model(FIXTURES / 'tiny.pth')):
@@ -186,3 +188,76 @@ def test_weight_file_round_trip_and_load_model(tmp_path):
   broken.write_bytes(b'not safetensors')
   with pytest.raises(CheckpointError, match='broken.safetensors'):
     load_weights(broken)
+
+
+def _as_save_model_writes_it(state):
+  """What `safetensors.torch.save_model` stores for an MPRNet: of tensors sharing storage (the
+  PReLU shared by every CAB), only the alphabetically first name, the others recorded in the
+  metadata as `removed -> kept` (safetensors' `_remove_duplicate_names`)."""
+  from mprnet_jax.conversion import iter_torch_params
+  model = nnx.eval_shape(lambda: MPRNet(**from_pytorch(state).config.to_dict()))
+  groups = {}
+  for key, param in iter_torch_params(model):
+    groups.setdefault(id(param), []).append(key)
+  kept, metadata = dict(state), {}
+  for keys in groups.values():
+    keep = sorted(keys)[0]
+    for key in keys:
+      if key != keep:
+        del kept[key]
+        metadata[key] = keep
+  return kept, metadata
+
+
+def test_reads_safetensors_written_by_torch_save_model(tmp_path, tiny_state):
+  from safetensors.numpy import save_file
+  stored, metadata = _as_save_model_writes_it(tiny_state)
+  assert len(tiny_state) - len(stored) == len(metadata) > 0
+  path = tmp_path / 'from_torch.safetensors'
+  save_file({k: np.ascontiguousarray(v) for k, v in stored.items()}, str(path), metadata=metadata)
+  loaded = to_pytorch_state_dict(load_weights(path))
+  assert set(loaded) == set(tiny_state)  # every PReLU position restored from its one copy
+  for key, value in tiny_state.items():
+    assert np.array_equal(loaded[key], value), key
+
+
+def test_official_sizes_store_262_keys_with_save_model():
+  """The figure in the README: the official model's 316 state-dict keys are 262 once the
+  PReLU shared under 55 keys is stored once."""
+  from mprnet_jax.conversion import iter_torch_params
+  model = nnx.eval_shape(lambda: MPRNet())
+  keys = [key for key, _ in iter_torch_params(model)]
+  unique = {id(param) for _, param in iter_torch_params(model)}
+  assert (len(keys), len(unique)) == (316, 262)
+
+
+def test_export_keeps_the_recorded_task(tmp_path, capsys):
+  from safetensors import safe_open
+  from safetensors.numpy import save_file
+
+  from mprnet_jax.cli import main
+  from mprnet_jax.conversion import iter_torch_params
+  from mprnet_jax.model import PRESETS
+  model = nnx.eval_shape(lambda: MPRNet(**PRESETS['denoising'].to_dict()))
+  # Constant weights of the denoising sizes: the task is what is under test, not the values.
+  state = {key: np.full(param.get_value().shape, 0.01, np.float32)
+           for key, param in iter_torch_params(model)}
+  state = {key: (v.transpose(3, 2, 0, 1).copy() if v.ndim == 4 else v) for key, v in state.items()}
+  source = tmp_path / 'denoise.safetensors'
+  save_file(state, str(source), metadata={'format': 'mprnet-jax/1', 'task': 'denoising'})
+  for out in ('copy.safetensors', 'copy.pth'):
+    assert main(['export', str(source), str(tmp_path / out)]) == 0
+  with safe_open(str(tmp_path / 'copy.safetensors'), framework='numpy') as f:
+    assert f.metadata()['task'] == 'denoising'
+
+
+def test_written_weight_files_follow_the_umask(tmp_path):
+  model = from_pytorch(FIXTURES / 'tiny.pth')
+  old = os.umask(0o027)
+  try:
+    save_weights(model, tmp_path / 'w.safetensors')
+    save_pth({'a': np.zeros(2, np.float32)}, tmp_path / 'w.pth')
+  finally:
+    os.umask(old)
+  for name in ('w.safetensors', 'w.pth'):
+    assert (tmp_path / name).stat().st_mode & 0o777 == 0o640, name

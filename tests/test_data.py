@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from mprnet_jax import augment, data, shards
+from mprnet_jax import augment, data, shards, tfds_builder
 
 
 def _write_pair_folder(root, sizes, *, seed=0, ext='png'):
@@ -295,10 +295,10 @@ def test_tfds_builder_round_trip_without_tensorflow(tmp_path):
   import sys
   _write_pair_folder(tmp_path / 'set', [(10, 12), (9, 9), (7, 11)])
   reference = data.PairedFolderSource(str(tmp_path / 'set'))
-  builder = shards.PairedFolderBuilder(splits={'train': str(tmp_path / 'set')},
+  builder = tfds_builder.PairedFolderBuilder(splits={'train': str(tmp_path / 'set')},
                                        data_dir=str(tmp_path / 'tfds'))
   builder.download_and_prepare()
-  read = data.TfdsSource('paired_folder_builder', 'train', str(tmp_path / 'tfds'))
+  read = tfds_builder.TfdsSource('paired_folder_builder', 'train', str(tmp_path / 'tfds'))
   assert len(read) == len(reference)
   for i in range(len(read)):
     got = read[i]

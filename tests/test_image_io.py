@@ -198,3 +198,139 @@ def test_jpeg_bytes_are_not_mistaken_for_png(tmp_path, photo):
   (tmp_path / 'misnamed.png').write_bytes(buffer.getvalue())
   image, info = _read_quiet(tmp_path / 'misnamed.png')
   assert image.shape == photo.shape and info.bit_depth == 8
+
+
+# ---- pixel limit, EXIF orientation, one reader -------------------------------------------
+_DECODERS = {  # (suffix, writer of a 20 x 30 image): every decoder and bit depth
+    'png8': ('.png', lambda p, a: Image.fromarray(a).save(p)),
+    'png16_rgb': ('.png', lambda p, a: write_image(p, a / 255.0, ImageInfo(16, 'rgb', None, ()))),
+    'png16_gray': ('.png', lambda p, a: Image.fromarray(a[..., 0].astype(np.uint16) * 257).save(p)),
+    'jpeg': ('.jpg', lambda p, a: Image.fromarray(a).save(p)),
+    'bmp': ('.bmp', lambda p, a: Image.fromarray(a).save(p)),
+    'tiff8': ('.tif', lambda p, a: tifffile.imwrite(p, a)),
+    'tiff16': ('.tif', lambda p, a: tifffile.imwrite(p, a.astype(np.uint16) * 257)),
+    'tiff_float': ('.tif', lambda p, a: tifffile.imwrite(p, a.astype(np.float32) / 255,
+                                                      photometric='rgb')),
+}
+
+
+@pytest.mark.parametrize('kind', list(_DECODERS))
+def test_pixel_limit_is_checked_from_the_header_for_every_decoder(tmp_path, monkeypatch, kind):
+  suffix, write = _DECODERS[kind]
+  path = tmp_path / f'{kind}{suffix}'
+  write(path, np.full((20, 30, 3), 100, np.uint8))
+  monkeypatch.setenv(image_io.MAX_PIXELS_ENV, '599')  # one pixel fewer than 20 x 30
+  decoded = []
+  monkeypatch.setattr(image_io, '_decode_png', lambda data: decoded.append(1))
+  for reader in (read_image, image_io.read_size):
+    with pytest.raises(ImageError) as error:
+      reader(path)
+    message = str(error.value)
+    assert str(path) in message and 'limit of 599' in message and image_io.MAX_PIXELS_ENV in message
+    assert '\n' not in message
+  assert not decoded  # refused before decoding
+  monkeypatch.undo()  # the real PNG decoder back
+  monkeypatch.setenv(image_io.MAX_PIXELS_ENV, '600')
+  assert read_image(path, warn=False)[0].shape == (20, 30, 3)
+  assert image_io.read_size(path) == (20, 30)
+
+
+def test_pixel_limit_default_and_bad_values(monkeypatch):
+  monkeypatch.delenv(image_io.MAX_PIXELS_ENV, raising=False)
+  assert image_io.max_pixels() == image_io.DEFAULT_MAX_PIXELS == 100_000_000
+  for bad in ('0', '-5', 'lots'):
+    monkeypatch.setenv(image_io.MAX_PIXELS_ENV, bad)
+    with pytest.raises(ImageError, match=image_io.MAX_PIXELS_ENV):
+      image_io.max_pixels()
+
+
+def test_a_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
+  """Pillow refuses above 2 x Image.MAX_IMAGE_PIXELS whatever we say; --max-pixels wins."""
+  path = tmp_path / 'wide.png'
+  Image.fromarray(np.zeros((4, 500), np.uint8)).save(path)
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 100)
+  monkeypatch.setenv(image_io.MAX_PIXELS_ENV, '2000')
+  assert read_image(path, warn=False)[0].shape == (4, 500, 3)
+
+
+# EXIF orientation -> what a viewer shows, stated per the EXIF standard for a stored image s:
+# 3: rotate 180; 6: rotate 90 degrees clockwise; 8: 90 counter-clockwise; 2: mirror left-right.
+_VIEWED = {1: lambda s: s, 2: lambda s: s[:, ::-1], 3: lambda s: s[::-1, ::-1],
+           6: lambda s: np.rot90(s, -1), 8: lambda s: np.rot90(s, 1)}
+
+
+@pytest.mark.parametrize('orientation', list(_VIEWED))
+@pytest.mark.parametrize('suffix', ['.png', '.jpg', '.tif'])
+def test_exif_orientation_is_applied_on_read(tmp_path, photo, orientation, suffix):
+  stored = np.rint(photo[:40, :56] * 255).astype(np.uint8)  # not square: rotation shows
+  path = tmp_path / f'o{orientation}{suffix}'
+  if suffix == '.tif':
+    tifffile.imwrite(path, stored, extratags=[(274, 'H', 1, orientation, True)])
+  else:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(path, exif=exif, **({'quality': 100} if suffix == '.jpg' else {}))
+  with Image.open(path) as raw:  # the pixels as stored, decoded by the same library
+    as_stored = np.asarray(raw.convert('RGB')) if suffix != '.tif' else tifffile.imread(path)
+  pixels, _ = read_image(path)
+  expected = _VIEWED[orientation](as_stored).astype(np.float32) / 255
+  np.testing.assert_array_equal(pixels, expected)
+  assert image_io.read_size(path) == expected.shape[:2]
+
+
+def test_exif_orientation_applies_to_16bit_png(tmp_path):
+  stored = (np.arange(6 * 10 * 3, dtype=np.uint16) * 211).reshape(6, 10, 3)
+  path = tmp_path / 'o6.png'
+  write_image(path, stored / 65535.0, ImageInfo(16, 'rgb', None, ()))
+  exif = Image.Exif()  # the same 16-bit data, with an eXIf chunk inserted
+  exif[0x0112] = 6
+  data = path.read_bytes()
+  body = exif.tobytes()
+  chunk = (len(body).to_bytes(4, 'big') + b'eXIf' + body
+           + zlib.crc32(b'eXIf' + body).to_bytes(4, 'big'))
+  path.write_bytes(data[:33] + chunk + data[33:])  # after the 33-byte signature + IHDR
+  pixels, info = read_image(path)
+  assert info.bit_depth == 16
+  np.testing.assert_array_equal(np.rint(pixels * 65535).astype(np.uint16), np.rot90(stored, -1))
+
+
+def test_training_reader_is_the_same_reader(tmp_path):
+  """data.load_rgb goes through read_image: the same extensions, EXIF orientation, and a
+  16-bit file rounded to the nearest 8-bit level (Pillow alone truncates it)."""
+  from mprnet_jax import data
+  assert data.IMAGE_EXTENSIONS is image_io.IMAGE_SUFFIXES
+  levels = np.array([[[0, 128, 383], [65535, 32895, 200]]], np.uint16)  # 383/257 = 1.49
+  path = tmp_path / 'deep.png'
+  write_image(path, levels / 65535.0, ImageInfo(16, 'rgb', None, ()))
+  np.testing.assert_array_equal(data.load_rgb(str(path)), np.rint(levels / 257).astype(np.uint8))
+  exif = Image.Exif()
+  exif[0x0112] = 8
+  Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)).save(
+      tmp_path / 'turned.png', exif=exif)
+  assert data.load_rgb(str(tmp_path / 'turned.png')).shape == (3, 2, 3)
+
+
+def test_interrupted_write_leaves_the_old_file_whole(tmp_path, photo, monkeypatch):
+  path = tmp_path / 'keep.tif'
+  write_image(path, photo)
+  before = path.read_bytes()
+
+  def half_write(target, data, **_):
+    with open(target, 'wb') as f:
+      f.write(b'II*\x00 half')
+    raise OSError('disk full')
+
+  monkeypatch.setattr(tifffile, 'imwrite', half_write)
+  with pytest.raises(ImageError, match='keep.tif: cannot write'):
+    write_image(path, photo[::-1])
+  assert path.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ['keep.tif']
+
+
+def test_non_regular_file_is_refused_without_blocking(tmp_path):
+  import os
+  fifo = tmp_path / 'pipe.png'
+  os.mkfifo(fifo)
+  for reader in (read_image, image_io.read_size):
+    with pytest.raises(ImageError, match=r'pipe\.png: is a FIFO'):
+      reader(fifo)

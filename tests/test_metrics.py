@@ -153,3 +153,56 @@ def test_bad_shapes_raise():
     metrics.ssim(np.zeros((10, 16, 3)), np.zeros((10, 16, 3)))
   with pytest.raises(ValueError, match=r'\(H, W, C\)'):
     metrics.ssim(np.zeros((16, 16)), np.zeros((16, 16)))
+
+
+# --- MATLAB psnr / ssim (GoPro, HIDE, SIDD protocols) ---
+
+def _matlab_ssim_float64(x, y, data_range):
+  """MATLAB's documented default `ssim` in float64: 3-D Gaussian (sigma 1.5, 11 taps per axis,
+  'replicate' padding: SciPy's 'nearest') over H x W x C, mean of the whole map."""
+  x, y = np.float64(x), np.float64(y)
+  blur = lambda a: ndimage.gaussian_filter(a, 1.5, mode='nearest', truncate=5 / 1.5)  # noqa: E731
+  mu_x, mu_y = blur(x), blur(y)
+  var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
+  cov = blur(x * y) - mu_x * mu_y
+  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1)
+                                                           * (var_x + var_y + c2))
+  return ssim_map.mean()
+
+
+def test_ssim_matlab_is_the_3d_volume_ssim_not_the_channel_mean():
+  restored, target = _degrade(skdata.chelsea()[:96, :128], seed=3)
+  restored_u8, target_u8 = np.round(restored * 255), np.round(target * 255)
+  ssim_3d = jax.jit(metrics.ssim_matlab, static_argnums=2)
+  got = float(ssim_3d(restored_u8, target_u8, 255.0))
+  assert abs(got - _matlab_ssim_float64(restored_u8, target_u8, 255.0)) < 2e-5
+  # The same at L = 1 on the /255 values (what SIDD's single blocks use).
+  assert abs(float(ssim_3d(restored_u8 / 255, target_u8 / 255, 1.0)) - got) < 2e-5
+  # One channel at a time is MATLAB's 2-D ssim; their mean is a different, lower number.
+  per_channel = np.mean([float(ssim_3d(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0))
+                         for c in range(3)])
+  for c in range(3):
+    two_d = _matlab_ssim_float64(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0)
+    assert abs(float(ssim_3d(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0))
+               - two_d) < 2e-5
+  assert got - per_channel > 0.05
+
+
+def test_ssim_matlab_batched_and_other_channel_counts():
+  rng = np.random.default_rng(4)
+  target = rng.random((2, 23, 31, 5))
+  restored = np.clip(target + rng.normal(0, 0.1, target.shape), 0, 1)
+  got = np.asarray(jax.jit(metrics.ssim_matlab)(restored, target))
+  want = [_matlab_ssim_float64(restored[i], target[i], 1.0) for i in range(2)]
+  np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def test_psnr_matlab_formula_without_clamping():
+  rng = np.random.default_rng(5)
+  target = rng.integers(0, 256, (2, 17, 19, 3)).astype(np.float64)
+  restored = target + rng.normal(0, 9, target.shape)  # leaves [0, 255]: MATLAB does not clamp
+  want = 10 * np.log10(255.0**2 / np.mean((restored - target) ** 2, axis=(1, 2, 3)))
+  got = np.asarray(metrics.psnr_matlab(restored, target, 255.0))
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+  assert np.isinf(float(metrics.psnr_matlab(target[0], target[0], 255.0)))

@@ -77,3 +77,19 @@ def test_place_batch_shapes_and_errors():
   for mode in ('mesh', 'pmap'):
     with pytest.raises(ValueError, match='does not divide'):
       place_batch(odd, mode, mesh)
+
+
+def test_mixup_step_on_a_mesh_matches_one_device():
+  # The official MixUp draws one permutation of the whole batch: split over 8 devices, the
+  # mesh must pair the same examples as one device does.
+  config = tiny_config()
+  config.mixup_start_epoch = 0
+  batch = tiny_batch()
+  ref_losses, ref_params = train(config, batch, 'none', steps=2)
+  losses, params = train(config, batch, 'mesh', make_mesh(), steps=2)
+  np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
+  worst = max(float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params)
+  assert worst <= 1e-5, worst
+  config.mixup_start_epoch = None
+  plain_losses, _ = train(config, batch, 'none', steps=1)
+  assert abs(plain_losses[0] - ref_losses[0]) > 1e-4  # MixUp did change the batch

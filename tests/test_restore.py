@@ -183,3 +183,55 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith('mprnet ')]
     assert len(errors) == 1 and expected in errors[0] and 'Traceback' not in err, (argv, err)
+
+
+def test_image_above_the_memory_budget_is_tiled_before_running(restorer, photo, monkeypatch):
+  """On the CPU an oversized allocation can kill the process before XLA reports anything, so
+  an image whose estimated peak exceeds the budget is tiled from the start, with a warning."""
+  image = photo[:64, :96].astype(np.float32) / 255
+  small = Restorer(restorer.model, bucket=8, memory_budget=1)  # nothing fits: smallest tile
+  whole_calls = []
+  real_apply = small._apply
+
+  def counting(params, x):
+    whole_calls.append(x.shape)
+    return real_apply(params, x)
+
+  monkeypatch.setattr(small, '_apply', counting)
+  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (64, 32))
+  with pytest.warns(UserWarning, match=r'64x96 needs about .* budget on cpu; restoring in '
+                                       r'32-pixel tiles'):
+    restored = small.restore_float(image)
+  assert all(shape[1:3] == (32, 32) for shape in whole_calls)  # never the whole image
+  from mprnet_jax import tiling
+  # the fall-back's tiling: one tile per call, overlap min(64, tile // 4)
+  expected = tiling.restore_tiled(lambda x: real_apply(small._params, x), image, 32, 8, 8,
+                                  batch_tiles=1)
+  np.testing.assert_array_equal(restored, expected)
+  roomy = Restorer(restorer.model, bucket=8, memory_budget=small.estimate_bytes(64, 96))
+  np.testing.assert_array_equal(roomy.restore_float(image), restorer.restore_float(image))
+
+
+def test_memory_estimate_grows_with_pixels_and_width(restorer):
+  est = restorer.estimate_bytes
+  params = est(0, 0)
+  channels = restorer.model.config.n_feat + restorer.model.config.scale_orsnetfeats
+  # the stated formula: 44 bytes per padded pixel and channel, plus the float32 parameters
+  assert est(64, 64) - params == 64 * 64 * channels * 44
+  assert est(61, 63) == est(64, 64)  # padded to the bucket first
+
+
+def test_numpy_memory_error_also_falls_back_to_tiles(restorer, photo, monkeypatch):
+  tiled = Restorer(restorer.model, bucket=8, memory_budget=1 << 40)
+  real_apply = tiled._apply
+
+  def limited(params, x):
+    if max(x.shape[1:3]) > 64:
+      raise MemoryError()
+    return real_apply(params, x)
+
+  monkeypatch.setattr(tiled, '_apply', limited)
+  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (64,))
+  with pytest.warns(UserWarning, match='restoring in 64-pixel tiles'):
+    restored = tiled.restore_float(photo[:80, :100].astype(np.float32) / 255)
+  assert restored.shape == (80, 100, 3)

@@ -14,6 +14,7 @@ from flax import nnx
 from conftest import FIXTURES
 from mprnet_jax import MPRNet, from_pytorch, to_pytorch_state_dict
 from mprnet_jax.augment import mixup
+from mprnet_jax.configs import base
 from mprnet_jax.optim import learning_rate_schedule
 from mprnet_jax.train_step import (check_nonfinite, create_train_state, make_eval_step,
                                    make_train_step)
@@ -24,16 +25,14 @@ PARITY_STEPS_PER_EPOCH = 1000
 
 
 def make_config(task='deblurring', weight_decay=0.0, **overrides):
-  config = ml_collections.ConfigDict()
-  config.task = task
+  """The packaged base config with a constant learning rate over the parity steps."""
+  config = base.get_config()
+  config.task = config.model.task_preset = task
   config.batch_size = 2
   config.num_epochs = 10
-  config.mixup_start_epoch = None
   config.max_nonfinite = 5
-  config.optim = ml_collections.ConfigDict(dict(
-      name='adam', lr=2e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=weight_decay, min_lr=1e-6,
-      warmup_epochs=0, cosine_extra_epochs=0, schedule_unit='epoch'))
-  config.model = ml_collections.ConfigDict(dict(dtype='float32', remat=False))
+  config.optim.weight_decay = weight_decay
+  config.optim.warmup_epochs = 0
   for name, value in overrides.items():
     if isinstance(value, dict):   # a whole new sub-config (field types may change)
       config[name] = ml_collections.ConfigDict({**config[name].to_dict(), **value})

@@ -21,9 +21,11 @@ from flax import nnx
 from mprnet_jax import data as data_lib
 from mprnet_jax.checkpoints import TrainCheckpointer, load_model_from_workdir
 from mprnet_jax.config_loading import load_config
+from mprnet_jax.configs import base as base_config
 from mprnet_jax.metrics import psnr
 from mprnet_jax.train_logging import image_grid, plot_curves, read_metrics
-from mprnet_jax.trainer import build_sources, train
+from mprnet_jax.builders import build_model, build_sources
+from mprnet_jax.trainer import train
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / 'experiments'
 
@@ -128,7 +130,6 @@ def test_one_flipped_bit_in_the_newest_params_is_caught(full_run, tmp_path, capf
 def target_state():
   """A smoke run's initial TrainState: the shape checkpoints are restored into."""
   from mprnet_jax import train_step as step_lib
-  from mprnet_jax.trainer import build_model
   config = smoke()
   return step_lib.create_train_state(build_model(config), config, 2, 0)[1]
 
@@ -295,7 +296,6 @@ def test_load_model_from_workdir_gives_the_best_checkpoint(full_run):
   assert checkpointer.best_step() == best['step']
   # The loaded parameters are those of that step's checkpoint...
   from mprnet_jax import train_step as step_lib
-  from mprnet_jax.trainer import build_model
   config = smoke()
   _, target = step_lib.create_train_state(build_model(config), config, 2, 0)
   saved, _ = checkpointer.restore_step(best['step'], target)
@@ -443,7 +443,7 @@ def test_experiment_configs(name, values):
 
 
 def test_every_config_field_has_a_comment():
-  text = (EXPERIMENTS / 'base.py').read_text()
+  text = Path(base_config.__file__).read_text()
   for line in text.splitlines():
     stripped = line.strip()
     if stripped.startswith('config.') and '=' in stripped and 'ConfigDict()' not in stripped:
