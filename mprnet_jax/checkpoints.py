@@ -293,7 +293,11 @@ def _step_of(state) -> int:
 
 
 def _one_line(error: BaseException) -> str:
-  reason = str(error).strip().splitlines()[0][:300] if str(error).strip() else ''
+  reason = str(error).strip().splitlines()[0] if str(error).strip() else ''
+  # TensorStore appends its whole JSON spec; the sentence before it says what failed.
+  for tail in ('. See full TensorStore details', ' [tensorstore_spec'):
+    reason = reason.split(tail)[0]
+  reason = reason[:300]
   return f'{type(error).__name__}: {reason}' if reason else type(error).__name__
 
 
