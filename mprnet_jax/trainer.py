@@ -4,10 +4,13 @@ Builds the data (this process's slice), the model, the state and the jitted step
 the newest readable checkpoint in `workdir`; trains with a progress bar; validates every
 `config.eval_every` steps and at the end (mean PSNR of the restorations and, for reference, of
 the degraded inputs); checkpoints every `config.checkpoint_every` steps, at each validation and
-at the end. SIGTERM or Ctrl-C finish the current step, save a checkpoint and return.
+at the end. SIGTERM or Ctrl-C finish the current step, save a checkpoint, wait until it is
+committed and return; a second Ctrl-C during that save leaves at once (KeyboardInterrupt).
+The first step's compile is announced; a run whose first steps are all non-finite stops
+(`NonFiniteTraining`).
 
-Files in `workdir`: config.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png,
-images/val_<step>.png (see `train_logging`).
+Files in `workdir`: trainer.lock (while a trainer runs there), config.json, checkpoints/,
+metrics.jsonl, tensorboard/, curves.png, images/val_<step>.png (see `train_logging`).
 """
 
 from __future__ import annotations
