@@ -281,7 +281,7 @@ def _verify_checksums(tree, expected: dict | None, what: str) -> None:
   if not isinstance(expected, dict):
     return
   for name, crc in _checksums(tree).items():
-    if name in expected and expected[name] != crc:
+    if expected.get(name) != crc:
       raise CheckpointError(f'{what} {name} does not match its checksum (a damaged file)')
 
 
@@ -350,7 +350,8 @@ class TrainCheckpointer:
     """Starts saving `state` (host or device arrays) at step `state.step`; returns at once
     while the write finishes in the background (`wait` blocks until it is committed).
     `psnr`: validation PSNR at this step. A failed write raises CheckpointError (here or at
-    the next `save`/`wait`) and leaves no step folder behind."""
+    the next `save`/`wait`) and leaves no step folder behind (only its temporary folder, which
+    is never listed as a step; the next run removes it)."""
     step = _step_of(state)
     self._check_previous_save()
     if step in self._manager.all_steps():
@@ -417,7 +418,10 @@ class TrainCheckpointer:
           params=ocp.args.StandardRestore(_abstract(target_state.params)),
           train=ocp.args.StandardRestore(_abstract(_train_fields(target_state))),
           data=_grain_restore(receiver)))
-    sums = (self._saved_config(step) or {}).get('checksums')
+    config = self._saved_config(step)
+    if config is None:  # every version wrote it: a damaged checkpoint
+      raise CheckpointError(f'checkpoint {step}: its config is unreadable')
+    sums = config.get('checksums')
     sums = sums if isinstance(sums, dict) else {}
     _verify_checksums(restored['params'], sums.get('params'), 'parameter')
     _verify_checksums(restored['train'], sums.get('train'), 'training state')
