@@ -21,7 +21,6 @@ import signal
 import sys
 import threading
 import time
-from typing import Any
 
 import jax
 import numpy as np

@@ -184,7 +184,8 @@ def test_truncated_best_checkpoint_falls_back_to_an_older_one(full_run, tmp_path
 
 
 @pytest.mark.parametrize('edit,message', [
-    (lambda c: c['model'].update(n_feat=8192), 'n_feat must be an integer from 1 to 1024, got 8192'),
+    (lambda c: c['model'].update(n_feat=8192),
+     'n_feat must be an integer from 1 to 1024, got 8192'),
     (lambda c: c['model'].update(n_feat='8'), "n_feat must be an integer from 1 to 1024, got '8'"),
     (lambda c: c['model'].update(num_cab=[1]), 'num_cab must be an integer'),
     (lambda c: c['model'].update(colour=3), 'unknown model size'),
