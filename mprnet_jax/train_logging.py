@@ -12,6 +12,7 @@ others every method does nothing, so callers need no `if`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -80,11 +81,17 @@ def plot_curves(records: Sequence[Mapping], path: str | os.PathLike, *,
     except ImportError:
       use_matplotlib = False
   partial = f'{path}.partial.png'
-  if use_matplotlib:
-    _plot_matplotlib(panels, partial)
-  else:
-    _plot_pillow(panels, partial)
-  os.replace(partial, path)  # readers never see a half-written image
+  try:
+    if use_matplotlib:
+      _plot_matplotlib(panels, partial)
+    else:
+      _plot_pillow(panels, partial)
+    os.replace(partial, path)  # readers never see a half-written image
+  except BaseException:
+    # A full disk or an interrupt: no half-written picture left beside the last good one.
+    with contextlib.suppress(OSError):
+      os.remove(partial)
+    raise
 
 
 def _plot_matplotlib(panels, path: str) -> None:
@@ -180,7 +187,8 @@ class MetricsLogger:
     with open(self.metrics_path, 'a') as f:
       f.write(json.dumps(record) + '\n')
     for key, value in record.items():
-      if key not in ('step', 'split'):
+      # metrics.jsonl keeps a NaN loss; TensorBoard would only warn about it, once per value.
+      if key not in ('step', 'split') and math.isfinite(value):
         self._writer.add_scalar(f'{split}/{key}', value, int(step))
 
   def write_images(self, step: int, degraded: np.ndarray, restored: np.ndarray,

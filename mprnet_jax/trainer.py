@@ -4,10 +4,13 @@ Builds the data (this process's slice), the model, the state and the jitted step
 the newest readable checkpoint in `workdir`; trains with a progress bar; validates every
 `config.eval_every` steps and at the end (mean PSNR of the restorations and, for reference, of
 the degraded inputs); checkpoints every `config.checkpoint_every` steps, at each validation and
-at the end. SIGTERM or Ctrl-C finish the current step, save a checkpoint and return.
+at the end. SIGTERM or Ctrl-C finish the current step, save a checkpoint, wait until it is
+committed and return; a second Ctrl-C during that save leaves at once (KeyboardInterrupt).
+The first step's compile is announced; a run whose first steps are all non-finite stops
+(`NonFiniteTraining`).
 
-Files in `workdir`: config.json, checkpoints/, metrics.jsonl, tensorboard/, curves.png,
-images/val_<step>.png (see `train_logging`).
+Files in `workdir`: trainer.lock (while a trainer runs there), config.json, checkpoints/,
+metrics.jsonl, tensorboard/, curves.png, images/val_<step>.png (see `train_logging`).
 """
 
 from __future__ import annotations
@@ -15,9 +18,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import threading
 import time
-from typing import Any
 
 import jax
 import numpy as np
@@ -26,19 +29,88 @@ from mprnet_jax import data as data_lib
 from mprnet_jax import parallel as parallel_lib
 from mprnet_jax import train_step as step_lib
 from mprnet_jax.builders import build_model, build_sources
-from mprnet_jax.checkpoints import TrainCheckpointer
+from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock
 from mprnet_jax.config_loading import config_to_dict, validate_config
+from mprnet_jax.errors import MprnetError
 from mprnet_jax.metrics import psnr
 from mprnet_jax.train_logging import MetricsLogger
 
-__all__ = ['train']
+__all__ = ['train', 'NonFiniteTraining', 'quiet_xla_logs']
+
+
+# Lines XLA's GPU autotuner logs by the hundred at LOG(ERROR) during the first compile, harmless
+# (its timer's calibration kernel was late; the chosen kernels are as good). LOG(ERROR) cannot
+# be silenced by TF_CPP_MIN_LOG_LEVEL without silencing every real error, hence a line filter.
+_XLA_NOISE = (b'Delay kernel timed out',)
+
+_STDERR_FILTER = r"""
+import os, sys
+noise = [p.encode() for p in sys.argv[1:]]
+pending = b''
+while True:
+  chunk = os.read(0, 65536)
+  if not chunk:
+    break
+  lines = (pending + chunk).split(b'\n')
+  pending = lines.pop()
+  kept = b''.join(line + b'\n' for line in lines if not any(p in line for p in noise))
+  # A piece without its newline yet (a progress bar's carriage-return updates): shown now.
+  if pending and not any(p in pending for p in noise):
+    kept, pending = kept + pending, b''
+  if kept:
+    os.write(1, kept)
+if pending and not any(p in pending for p in noise):
+  os.write(1, pending)
+"""
+
+
+def quiet_xla_logs() -> None:
+  """Drops XLA's autotuner noise ("Delay kernel timed out", hundreds of lines on a GPU's first
+  compile) from this process's stderr, keeping every other line, real errors included.
+
+  Routes file descriptor 2 through a small child process that forwards all other output as it
+  comes, so nothing is lost if this process crashes. For the command line: call once, before
+  training. `MPRNET_XLA_LOGS=all` keeps the raw stream.
+  """
+  if os.environ.get('MPRNET_XLA_LOGS') == 'all' or getattr(quiet_xla_logs, '_installed', False):
+    return
+  import atexit
+  import subprocess
+
+  original = os.dup(2)
+  read_end, write_end = os.pipe()
+  child = subprocess.Popen(
+      [sys.executable, '-S', '-c', _STDERR_FILTER, *(p.decode() for p in _XLA_NOISE)],
+      stdin=read_end, stdout=original, stderr=original, close_fds=True)
+  os.close(read_end)
+  sys.stderr.flush()
+  os.dup2(write_end, 2)
+  os.close(write_end)
+  quiet_xla_logs._installed = True
+
+  def restore():
+    # Give the terminal back before exit, so the filter's last lines come before the prompt.
+    sys.stderr.flush()
+    os.dup2(original, 2)
+    try:
+      child.wait(timeout=5)
+    except subprocess.TimeoutExpired:  # a child process of ours still holds the pipe
+      pass
+
+  atexit.register(restore)
+
 
 class _StopRequest:
-  """SIGTERM / SIGINT set a flag the loop checks after each step; a second Ctrl-C while
-  saving falls through to the default handler (KeyboardInterrupt)."""
+  """SIGTERM / SIGINT set a flag the loop checks after each step. A second Ctrl-C during the
+  final save sets `forced`, which the wait for that save turns into a KeyboardInterrupt raised
+  from our own code (raised from the handler, it could land inside orbax's threads' machinery
+  or a garbage-collection callback, and come out as tracebacks or not at all); at any other
+  time it falls through to the default handler (KeyboardInterrupt), for a run that hangs."""
 
   def __init__(self):
     self.signal_name: str | None = None
+    self.saving = False  # the final save, after a stop request, is in progress
+    self.forced = False
     self._previous = {}
 
   def __enter__(self):
@@ -49,8 +121,14 @@ class _StopRequest:
 
   def _handle(self, signum, frame):
     del frame
-    self.signal_name = signal.Signals(signum).name
-    signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+    if self.signal_name is None:
+      self.signal_name = signal.Signals(signum).name
+    elif signum == signal.SIGINT:
+      if self.saving:
+        self.forced = True
+      else:
+        signal.signal(signal.SIGINT, self._previous.get(signal.SIGINT, signal.default_int_handler))
+        raise KeyboardInterrupt
 
   def __exit__(self, *exc):
     for sig, handler in self._previous.items():
@@ -92,16 +170,33 @@ def _enable_compilation_cache() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+class NonFiniteTraining(MprnetError, FloatingPointError):
+  """The first steps of a run all had a non-finite loss or gradient: NaN/inf weights or data,
+  or a learning rate that makes the first updates diverge. Nothing good follows."""
+
+
+# A run whose first steps (this many, or config.max_nonfinite if smaller) were all skipped for
+# a non-finite loss stops there, instead of skipping on to the end and exiting as if it trained.
+_FIRST_STEPS_CHECKED = 3
+
+
 def train(config, workdir: str | os.PathLike) -> dict:
   """Trains per `config` in `workdir` (resuming if it holds a checkpoint); returns the final
   metrics: step, loss (last logged), psnr and psnr_degraded (last validation), wall_time_s,
   resumed_from (step or None), interrupted (stopped by a signal), and state (the final
-  TrainState on one device)."""
+  TrainState on one device).
+
+  One trainer per workdir: a second one (on any host) raises a one-line MprnetError before it
+  touches the workdir (`checkpoints.WorkdirLock`)."""
   start_time = time.time()
   validate_config(config)  # before anything is built or written
   parallel_lib.initialize_distributed()
+  with WorkdirLock(workdir):
+    return _train(config, os.fspath(workdir), start_time)
+
+
+def _train(config, workdir: str, start_time: float) -> dict:
   _enable_compilation_cache()
-  workdir = os.fspath(workdir)
   main = parallel_lib.is_main_process()
   processes = jax.process_count()
   say = print if main else (lambda *a, **k: None)
@@ -130,6 +225,7 @@ def train(config, workdir: str | os.PathLike) -> dict:
   checkpointer = TrainCheckpointer(workdir, keep=config.keep_checkpoints,
                                    model_config=model.config.to_dict(),
                                    experiment_config=config_to_dict(config))
+  checkpointer.discard_unfinished_saves()
   resumed_from = None
   if checkpointer.latest_step() is not None:
     restored = checkpointer.restore_latest(state)
@@ -178,14 +274,22 @@ def train(config, workdir: str | os.PathLike) -> dict:
   say = progress.write if main else say  # prints that keep the bar intact
   window_start, window_images = time.time(), 0
   step = start_step
+  skipped_at_start = _host_int(state.skipped_total)
+  first_steps = min(_FIRST_STEPS_CHECKED, max(1, int(config.get('max_nonfinite', 5))))
+  hard_interrupt = False
   try:
     with _StopRequest() as stop:
       while step < total_steps:
         batch = parallel_lib.place_batch(next(iterator), parallel, mesh)
+        if step == start_step:
+          say(f'compiling the training step: about a minute the first time, seconds afterwards '
+              f'from the cache at {jax.config.jax_compilation_cache_dir}')
         state, metrics = step_fn(state, batch)
         step += 1
         window_images += config.batch_size
         progress.update(1)
+        if step - start_step == first_steps:
+          _stop_if_all_skipped(state, step - start_step, skipped_at_start, step)
         if step % config.log_every == 0 or step == total_steps:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           rate = window_images / max(time.time() - window_start, 1e-9)
@@ -195,6 +299,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
                                img_s=f'{rate:.1f}', refresh=False)
           result['loss'] = metrics['loss']
           step_lib.check_nonfinite(state, config)
+        if step == total_steps and step - start_step < first_steps:
+          _stop_if_all_skipped(state, step - start_step, skipped_at_start, step)
         psnr_value = None
         if step % config.eval_every == 0 or step == total_steps:
           psnr_value, result['psnr_degraded'] = validate(step)
@@ -204,17 +310,32 @@ def train(config, workdir: str | os.PathLike) -> dict:
           stopping = stop.requested(sync=False)
         else:
           stopping = step % config.log_every == 0 and stop.requested(sync=True)
+        stop.saving = stopping
         if psnr_value is not None or step % config.checkpoint_every == 0 or stopping \
             or step == total_steps:
           save(psnr_value)
         if stopping:
           result['interrupted'] = True
+          # "saved" only once the checkpoint is committed; a second Ctrl-C stops waiting.
+          checkpointer.wait(give_up=lambda: stop.forced)
           say(f'{stop.signal_name or "stop request"} received: saved a checkpoint at step {step} '
               f'in {checkpointer.directory}; run the same command again to resume')
           break
+  except KeyboardInterrupt:
+    # A second Ctrl-C (the first only asks to stop): leave now, without waiting for a save in
+    # flight. Orbax commits a checkpoint only once it is complete, and the next run removes
+    # an uncommitted one, so nothing half-written is ever resumed from.
+    hard_interrupt = True
+    if main and checkpointer.saving:
+      print(f'interrupted again: not waiting for the checkpoint of step {step}; the next run '
+            'resumes from the last complete checkpoint', file=sys.stderr)
+    raise
   finally:
     progress.close()
-    checkpointer.close()  # waits for the saves in flight, even after an error
+    if hard_interrupt:
+      checkpointer.abandon()
+    else:
+      checkpointer.close()  # waits for the saves in flight, even after an error
     logger.close()
   if start_step >= total_steps:
     say(f'Nothing to do: the checkpoint is already at step {start_step} of {total_steps}')
@@ -225,6 +346,24 @@ def train(config, workdir: str | os.PathLike) -> dict:
     print(f'Done: step {step}, validation PSNR {result["psnr"]:.2f} dB vs degraded '
           f'{result["psnr_degraded"]:.2f} dB, {result["wall_time_s"]:.0f} s')
   return result
+
+
+def _host_int(value) -> int:
+  """The largest entry of a (possibly replicated or device-stacked) integer array, on the host."""
+  if isinstance(value, jax.Array) and not value.is_fully_addressable:
+    value = value.addressable_data(0)
+  return int(np.max(np.asarray(value)))
+
+
+def _stop_if_all_skipped(state, steps_run: int, skipped_at_start: int, step: int) -> None:
+  """Raises NonFiniteTraining if every one of the `steps_run` steps of this run was skipped."""
+  skipped = _host_int(state.skipped_total) - skipped_at_start
+  if steps_run and skipped >= steps_run:
+    raise NonFiniteTraining(
+        f'training stopped at step {step}: each of the first {steps_run} steps had a '
+        'non-finite loss or gradient (NaN/inf in the weights or the data, or a learning rate '
+        'that diverges at once); nothing was learnt. Check the data and the weights, or lower '
+        'the learning rate')
 
 
 def _first_images(batches: list[dict], count: int) -> list[dict]:
