@@ -41,7 +41,9 @@ from typing import Any
 
 import jax
 import numpy as np
+import grain
 import orbax.checkpoint as ocp
+from jax.experimental import multihost_utils
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
@@ -203,7 +205,6 @@ class _IteratorReceiver:
 
 
 def _manager(directory: Path, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
-  import grain
 
   policy = preservation.AnyPreservationPolicy([
       preservation.LatestN(n=max(int(keep), 1)),
@@ -336,7 +337,6 @@ class TrainCheckpointer:
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices('mprnet_checkpoint_discard_unfinished')
     return removed
 
@@ -488,7 +488,6 @@ class TrainCheckpointer:
           target, suffix = path.with_name(f'{step}.corrupt{suffix}'), suffix + 1
         os.replace(path, target)
     if jax.process_count() > 1:
-      from jax.experimental import multihost_utils
       multihost_utils.sync_global_devices(f'mprnet_checkpoint_set_aside_{step}')
     self._manager.reload()
 
@@ -630,12 +629,10 @@ class WorkdirLock:
 
 
 def _grain_save(snapshot):
-  import grain
   return grain.checkpoint.CheckpointSave(snapshot)
 
 
 def _grain_restore(receiver):
-  import grain
   return grain.checkpoint.CheckpointRestore(receiver)
 
 

@@ -9,15 +9,27 @@ and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
 import warnings
 from pathlib import Path
 
+import jax
 import numpy as np
 
+from mprnet_jax import protocols
+from mprnet_jax.benchmark import run_benchmark, run_suite
+from mprnet_jax.config_loading import load_config
+from mprnet_jax.conversion import from_pytorch
 from mprnet_jax.errors import MprnetError
+from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
+from mprnet_jax.image_io import MAX_PIXELS_ENV, read_size
+from mprnet_jax.inference import Restorer, collect_inputs, restore_files
+from mprnet_jax.model import PRESETS, count_params
+from mprnet_jax.trainer import quiet_xla_logs, train
+from mprnet_jax.weights import export_weights, load_model, recorded_task, save_weights
 
 # Errors that mean "the user's input is wrong", reported in one line. Anything else is a bug
 # and keeps its traceback.
@@ -25,13 +37,6 @@ USER_ERRORS = (MprnetError, OSError)
 
 
 def _convert(args) -> None:
-  import jax
-
-  from mprnet_jax.conversion import from_pytorch
-  from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
-  from mprnet_jax.model import count_params
-  from mprnet_jax.weights import save_weights
-
   out = Path(args.out)
   if out.exists() and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
@@ -55,26 +60,28 @@ def _convert(args) -> None:
 
 
 def _train(args, overrides: list[str]) -> None:
-  from mprnet_jax.config_loading import load_config
-  from mprnet_jax.trainer import train
-
   config = load_config(args.config, overrides)  # no --config: the demo in mprnet_jax/configs
+  if _has_cuda_plugin():
+    # Only GPUs autotune and print hundreds of "Delay kernel timed out" lines; the filter makes
+    # stderr a pipe, which costs the progress bar its terminal width, so elsewhere it stays off.
+    quiet_xla_logs()
   result = train(config, args.workdir)
   summary = {k: v for k, v in result.items()
              if isinstance(v, (int, str)) or (isinstance(v, float) and np.isfinite(v))}
   print(json.dumps(summary))
 
 
+def _has_cuda_plugin() -> bool:
+  return any(importlib.util.find_spec(name) is not None
+             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
+
+
 def _restorer(args):
-  from mprnet_jax.inference import Restorer
   return Restorer(args.weights, dtype=args.dtype, tile=args.tile, overlap=args.overlap,
                   bucket=args.bucket, ensemble=args.ensemble)
 
 
 def _restore(args) -> None:
-  from mprnet_jax.image_io import read_size
-  from mprnet_jax.inference import collect_inputs, restore_files
-
   # Fail on a missing, non-regular, unreadable or too large input before loading any weights
   # (headers only: nothing is decoded here).
   for path in collect_inputs(args.inputs):
@@ -85,8 +92,6 @@ def _restore(args) -> None:
 
 
 def _evaluate(args) -> None:
-  from mprnet_jax import protocols
-
   protocol = protocols.check_protocol(args.protocol)
   if (args.weights is None) == (args.results is None):
     raise MprnetError('give either --weights (restore DATA/input and score) or --results '
@@ -140,9 +145,6 @@ def _evaluate(args) -> None:
 
 
 def _export(args) -> None:
-  from mprnet_jax.files import refuse_overwriting_inputs
-  from mprnet_jax.weights import export_weights, load_model, recorded_task
-
   out = Path(args.out)
   if out.exists() and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
@@ -150,7 +152,6 @@ def _export(args) -> None:
   model = load_model(args.weights)
   task = args.task
   if task is None:  # keep what the source records; a task that does not fit is dropped
-    from mprnet_jax.model import PRESETS
     task = recorded_task(args.weights)
     if task is not None and PRESETS.get(task) != model.config:
       warnings.warn(f'{args.weights}: recorded task {task!r} does not match its sizes; '
@@ -161,8 +162,6 @@ def _export(args) -> None:
 
 
 def _benchmark(args) -> None:
-  from mprnet_jax.benchmark import run_benchmark, run_suite
-
   if args.suite:
     import tempfile
     run_suite(args.suite, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix='mprnet-cache-'),
@@ -180,7 +179,6 @@ class _MaxPixels(argparse.Action):
   every image reader, header checks included, applies the same limit."""
 
   def __call__(self, parser, namespace, value, option_string=None):
-    from mprnet_jax.image_io import MAX_PIXELS_ENV
     if value < 1:
       parser.error(f'{option_string} must be at least 1, got {value}')
     os.environ[MAX_PIXELS_ENV] = str(value)

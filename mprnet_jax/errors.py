@@ -11,7 +11,8 @@ catches them.
 
 from __future__ import annotations
 
-__all__ = ['MprnetError', 'ConfigError', 'CheckpointError', 'ImageError', 'DataError']
+__all__ = ['MprnetError', 'ConfigError', 'CheckpointError', 'ImageError', 'DataError',
+           'NonFiniteTraining']
 
 
 class MprnetError(ValueError):
@@ -32,3 +33,8 @@ class ImageError(MprnetError):
 
 class DataError(MprnetError):
   """A dataset folder, shard or protocol file that cannot be used."""
+
+
+class NonFiniteTraining(MprnetError, FloatingPointError):
+  """Training stopped because its steps had a non-finite loss or gradient (NaN/inf weights or
+  data, or a learning rate that makes the updates diverge)."""

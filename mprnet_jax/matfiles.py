@@ -11,7 +11,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import h5py
 import numpy as np
+import scipy.io
 
 from mprnet_jax.errors import DataError
 
@@ -20,7 +22,6 @@ __all__ = ['read_mat_variable', 'read_blocks', 'write_mat', 'read_dnd_boxes', 'd
 
 
 def _h5py():
-  import h5py  # a hard dependency; imported here so importing the package stays light
   return h5py
 
 
@@ -39,7 +40,6 @@ def read_mat_variable(path: str | os.PathLike, name: str) -> np.ndarray:
         found = ', '.join(k for k in handle if not k.startswith('#')) or 'none'
         raise DataError(f'{path}: no variable {name!r} (variables: {found})')
       return np.asarray(handle[name][()]).transpose()
-  import scipy.io
   try:
     variables = scipy.io.loadmat(path, variable_names=[name])
   except Exception as exc:  # noqa: BLE001 - SciPy raises many types on foreign files
@@ -62,7 +62,6 @@ def read_blocks(path: str | os.PathLike, name: str) -> np.ndarray:
 
 def write_mat(path: str | os.PathLike, variables: dict) -> Path:
   """Writes a MATLAB v5 .mat file (what the official scripts write with `scipy.io.savemat`)."""
-  import scipy.io
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   scipy.io.savemat(path, variables, do_compression=False)

@@ -29,7 +29,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from mprnet_jax.augment import mixup
 from mprnet_jax.builders import build_model, build_optimizer
-from mprnet_jax.errors import ConfigError
+from mprnet_jax.errors import ConfigError, NonFiniteTraining
 from mprnet_jax.losses import mprnet_loss_terms
 from mprnet_jax.model import MPRNet, MPRNetConfig
 from mprnet_jax.model import compute_dtype as model_compute_dtype
@@ -247,11 +247,11 @@ def _host_max(value) -> int:
 
 
 def check_nonfinite(state: TrainState, config) -> None:
-  """Raises FloatingPointError once `config.max_nonfinite` consecutive steps were skipped."""
+  """Raises NonFiniteTraining once `config.max_nonfinite` consecutive steps were skipped."""
   limit = int(config.get('max_nonfinite', 5))
   consecutive = _host_max(state.nonfinite)
   if consecutive >= limit:
-    raise FloatingPointError(
+    raise NonFiniteTraining(
         f'training stopped: the last {consecutive} steps (up to step {_host_max(state.step)}) '
         f'had a non-finite loss or gradient and were skipped ({_host_max(state.skipped_total)} '
         f'skipped in all; config.max_nonfinite={limit}). Check the data for NaN/inf, lower the '

@@ -15,15 +15,19 @@ metrics.jsonl, tensorboard/, curves.png, images/val_<step>.png (see `train_loggi
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
 
 from mprnet_jax import data as data_lib
 from mprnet_jax import parallel as parallel_lib
@@ -31,7 +35,7 @@ from mprnet_jax import train_step as step_lib
 from mprnet_jax.builders import build_model, build_sources
 from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock
 from mprnet_jax.config_loading import config_to_dict, validate_config
-from mprnet_jax.errors import MprnetError
+from mprnet_jax.errors import NonFiniteTraining
 from mprnet_jax.metrics import psnr
 from mprnet_jax.train_logging import MetricsLogger
 
@@ -74,9 +78,6 @@ def quiet_xla_logs() -> None:
   """
   if os.environ.get('MPRNET_XLA_LOGS') == 'all' or getattr(quiet_xla_logs, '_installed', False):
     return
-  import atexit
-  import subprocess
-
   original = os.dup(2)
   read_end, write_end = os.pipe()
   child = subprocess.Popen(
@@ -139,7 +140,6 @@ class _StopRequest:
     local = self.signal_name is not None
     if not sync:
       return local
-    from jax.experimental import multihost_utils
     return bool(np.any(multihost_utils.process_allgather(np.int32(local))))
 
 
@@ -168,11 +168,6 @@ def _enable_compilation_cache() -> None:
     cache = os.environ.get('MPRNET_JAX_CACHE', os.path.expanduser('~/.cache/mprnet_jax/xla'))
     jax.config.update('jax_compilation_cache_dir', cache)
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
-
-
-class NonFiniteTraining(MprnetError, FloatingPointError):
-  """The first steps of a run all had a non-finite loss or gradient: NaN/inf weights or data,
-  or a learning rate that makes the first updates diverge. Nothing good follows."""
 
 
 # A run whose first steps (this many, or config.max_nonfinite if smaller) were all skipped for
@@ -377,6 +372,5 @@ def _first_images(batches: list[dict], count: int) -> list[dict]:
 
 
 def _progress_bar(enabled: bool, start: int, total: int):
-  from tqdm.auto import tqdm
   return tqdm(total=total, initial=start, disable=not enabled, unit='step', dynamic_ncols=True,
               desc='train', smoothing=0.1)
