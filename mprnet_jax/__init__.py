@@ -12,6 +12,16 @@ from mprnet_jax.torch_format import CheckpointError
 from mprnet_jax.weights import load_model, load_weights, save_weights
 
 __all__ = [
-    'CheckpointError', 'MPRNet', 'MPRNetConfig', 'PRESETS', 'count_params', 'from_pytorch',
-    'Restorer', 'load_model', 'load_weights', 'losses', 'save_weights', 'to_pytorch_state_dict',
+    'CheckpointError',
+    'MPRNet',
+    'MPRNetConfig',
+    'PRESETS',
+    'count_params',
+    'from_pytorch',
+    'Restorer',
+    'load_model',
+    'load_weights',
+    'losses',
+    'save_weights',
+    'to_pytorch_state_dict',
 ]

@@ -35,9 +35,8 @@ def pad_to_patch(image: np.ndarray, patch_size: int) -> np.ndarray:
   return np.pad(image, ((0, pad_h), (0, pad_w), (0, 0)), mode='reflect')
 
 
-def random_crop_pair(
-    inp: np.ndarray, tgt: np.ndarray, patch_size: int, rng: np.random.Generator
-) -> tuple[np.ndarray, np.ndarray]:
+def random_crop_pair(inp: np.ndarray, tgt: np.ndarray, patch_size: int,
+                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """Crops (P, P, C) from both images at one random position (after reflect-padding)."""
   if inp.shape[:2] != tgt.shape[:2]:
     raise ValueError(f'input {inp.shape} and target {tgt.shape} differ in size')
@@ -132,9 +131,8 @@ def crop_to_multiple(image: np.ndarray, multiple: int = 8) -> np.ndarray:
   return image[:h - h % multiple, :w - w % multiple]
 
 
-def mixup(
-    rng: jax.Array, inputs: jax.Array, targets: jax.Array, alpha: float = 0.6
-) -> tuple[jax.Array, jax.Array]:
+def mixup(rng: jax.Array, inputs: jax.Array, targets: jax.Array,
+          alpha: float = 0.6) -> tuple[jax.Array, jax.Array]:
   """MixUp of a batch with a shuffled copy of itself (official denoising recipe).
 
   Args:

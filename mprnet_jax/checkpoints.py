@@ -49,8 +49,10 @@ from orbax.checkpoint.checkpoint_managers import preservation_policy as preserva
 
 from mprnet_jax.errors import CheckpointError, MprnetError
 
-__all__ = ['TrainCheckpointer', 'WorkdirLock', 'load_model_from_workdir', 'checkpoint_dir',
-           'read_checkpoint_config', 'state_layout', 'validate_model_sizes']
+__all__ = [
+    'TrainCheckpointer', 'WorkdirLock', 'load_model_from_workdir', 'checkpoint_dir',
+    'read_checkpoint_config', 'state_layout', 'validate_model_sizes'
+]
 
 
 class _QuietUntrackedMetrics(logging.Filter):
@@ -72,8 +74,8 @@ class _OrbaxNoise(logging.Filter):
     if record.levelno < logging.WARNING:
       return True
     from_orbax = f'{os.sep}orbax{os.sep}' in (record.pathname or '')
-    return not (from_orbax or record.name == 'asyncio' or 'Event loop is closed' in
-                record.getMessage())
+    return not (from_orbax or record.name == 'asyncio' or
+                'Event loop is closed' in record.getMessage())
 
 
 _NOISE_FILTER = _OrbaxNoise()
@@ -105,8 +107,8 @@ class _AbandonedOrbaxTasks(logging.Filter):
     try:
       error = record.exc_info[1] if record.exc_info else None
       mentions = _ORBAX_PATH in record.getMessage() or 'tensorstore' in record.getMessage()
-      return not (mentions or _raised_in_orbax(getattr(error, '__traceback__', None))
-                  or _is_event_loop_closed(error))
+      return not (mentions or _raised_in_orbax(getattr(error, '__traceback__', None)) or
+                  _is_event_loop_closed(error))
     except Exception:  # noqa: BLE001 (a filter must never raise; keep the record)
       return True
 
@@ -210,12 +212,15 @@ def _manager(directory: Path, keep: int, *, read_only: bool = False) -> ocp.Chec
       preservation.LatestN(n=max(int(keep), 1)),
       preservation.BestN(get_metric_fn=_best_metric, n=1, keep_checkpoints_without_metrics=False),
   ])
-  options = ocp.CheckpointManagerOptions(
-      preservation_policy=None if read_only else policy, best_fn=_best_metric, best_mode='max',
-      enable_async_checkpointing=not read_only, read_only=read_only, create=not read_only,
-      save_interval_steps=0 if read_only else 1)
-  handlers = {'params': ocp.StandardCheckpointHandler(), 'train': ocp.StandardCheckpointHandler(),
-              'data': grain.checkpoint.CheckpointHandler(), 'config': ocp.JsonCheckpointHandler()}
+  options = ocp.CheckpointManagerOptions(preservation_policy=None if read_only else policy,
+                                         best_fn=_best_metric, best_mode='max',
+                                         enable_async_checkpointing=not read_only,
+                                         read_only=read_only, create=not read_only,
+                                         save_interval_steps=0 if read_only else 1)
+  handlers = {
+      'params': ocp.StandardCheckpointHandler(), 'train': ocp.StandardCheckpointHandler(),
+      'data': grain.checkpoint.CheckpointHandler(), 'config': ocp.JsonCheckpointHandler()
+  }
   return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
@@ -239,8 +244,9 @@ def state_layout(state) -> str:
   Two states restore into each other iff these agree. Key paths, unlike the printed treedef,
   do not change when flax or optax change how they print their types."""
   leaves = jax.tree_util.tree_flatten_with_path(_abstract(state))[0]
-  text = json.dumps([[jax.tree_util.keystr(path), list(leaf.shape), str(leaf.dtype)]
-                     for path, leaf in leaves])
+  text = json.dumps([[jax.tree_util.keystr(path),
+                      list(leaf.shape),
+                      str(leaf.dtype)] for path, leaf in leaves])
   return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -313,8 +319,8 @@ class TrainCheckpointer:
     experiment_config: the experiment config as a plain dict.
   """
 
-  def __init__(self, workdir: str | os.PathLike, *, keep: int = 2,
-               model_config: dict | None = None, experiment_config: dict | None = None):
+  def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, model_config: dict | None = None,
+               experiment_config: dict | None = None):
     self.directory = checkpoint_dir(workdir)
     self._manager = _manager(self.directory, keep)
     self._config = {'model': model_config or {}, 'experiment': experiment_config or {}}
@@ -356,14 +362,15 @@ class TrainCheckpointer:
     self._check_previous_save()
     if step in self._manager.all_steps():
       return False  # already saved (e.g. the final save right after a periodic one)
-    config = {**self._config, 'state_layout_paths': state_layout(state),
-              'checksums': {'params': _checksums(state.params),
-                            'train': _checksums(_train_fields(state))}}
-    args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        train=ocp.args.StandardSave(_train_fields(state)),
-        data=_grain_save(_IteratorSnapshot(loader_state)),
-        config=ocp.args.JsonSave(config))
+    config = {
+        **self._config, 'state_layout_paths': state_layout(state), 'checksums': {
+            'params': _checksums(state.params), 'train': _checksums(_train_fields(state))
+        }
+    }
+    args = ocp.args.Composite(params=ocp.args.StandardSave(state.params),
+                              train=ocp.args.StandardSave(_train_fields(state)),
+                              data=_grain_save(_IteratorSnapshot(loader_state)),
+                              config=ocp.args.JsonSave(config))
     metrics = {'psnr': float(psnr)} if psnr is not None else None
     self._pending = step
     if not self._quiet_held:
@@ -414,10 +421,11 @@ class TrainCheckpointer:
     CheckpointError if an array does not match its checksum."""
     receiver = _IteratorReceiver()
     with _quiet_orbax():
-      restored = self._manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(target_state.params)),
-          train=ocp.args.StandardRestore(_abstract(_train_fields(target_state))),
-          data=_grain_restore(receiver)))
+      restored = self._manager.restore(
+          step, args=ocp.args.Composite(
+              params=ocp.args.StandardRestore(_abstract(target_state.params)),
+              train=ocp.args.StandardRestore(_abstract(_train_fields(target_state))),
+              data=_grain_restore(receiver)))
     config = self._saved_config(step)
     if config is None:  # every version wrote it: a damaged checkpoint
       raise CheckpointError(f'checkpoint {step}: its config is unreadable')
@@ -471,8 +479,8 @@ class TrainCheckpointer:
     (then restoring the arrays decides)."""
     try:
       with _quiet_orbax():
-        restored = self._manager.restore(step, args=ocp.args.Composite(
-            config=ocp.args.JsonRestore()))
+        restored = self._manager.restore(step,
+                                         args=ocp.args.Composite(config=ocp.args.JsonRestore()))
       config = restored['config']
       return config if isinstance(config, dict) else None
     except Exception:  # an unreadable config: the restore of the arrays reports the checkpoint
@@ -621,8 +629,7 @@ class WorkdirLock:
     return False
 
   def _busy(self, holder: dict | None) -> MprnetError:
-    who = (f'pid {holder.get("pid")} on {holder.get("host")}' if holder
-           else 'another trainer')
+    who = (f'pid {holder.get("pid")} on {holder.get("host")}' if holder else 'another trainer')
     return MprnetError(
         f'{self.workdir} is in use by another trainer ({who}); wait for it to finish or stop '
         f'it, or delete {self.path} if no trainer is running there')
@@ -647,8 +654,10 @@ def read_checkpoint_config(workdir: str | os.PathLike, step: int | None = None) 
 
 # Far above any MPRNet anyone trains (the official ones have n_feat <= 96, num_cab 8), far
 # below what would exhaust memory before a shape is compared.
-_SIZE_LIMITS = {'n_feat': 1024, 'scale_unetfeats': 1024, 'scale_orsnetfeats': 1024,
-                'num_cab': 64, 'kernel_size': 15, 'reduction': 1024, 'in_c': 64, 'out_c': 64}
+_SIZE_LIMITS = {
+    'n_feat': 1024, 'scale_unetfeats': 1024, 'scale_orsnetfeats': 1024, 'num_cab': 64,
+    'kernel_size': 15, 'reduction': 1024, 'in_c': 64, 'out_c': 64
+}
 
 
 class _BadStoredSizes(CheckpointError):
@@ -694,8 +703,8 @@ def _model_matching_checkpoint(manager, step: int, directory: Path, dtype):
   where = f'checkpoint {directory / str(step)}'
   try:
     with _quiet_orbax():
-      config = manager.restore(step, args=ocp.args.Composite(
-          config=ocp.args.JsonRestore()))['config']
+      config = manager.restore(step,
+                               args=ocp.args.Composite(config=ocp.args.JsonRestore()))['config']
   except Exception as error:
     raise CheckpointError(f'{where}: its config is unreadable ({_one_line(error)})') from error
   if not isinstance(config, dict):
@@ -716,16 +725,18 @@ def _model_matching_checkpoint(manager, step: int, directory: Path, dtype):
       stored = manager.item_metadata(step)['params']
   except Exception as error:
     raise CheckpointError(f'{where}: its parameters are unreadable ({_one_line(error)})') from error
-  want = {_path_name(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]}
-  have = {_path_name(p): tuple(getattr(x, 'shape', None) or ())
-          for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]}
+  want = {
+      _path_name(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(expected)[0]
+  }
+  have = {
+      _path_name(p): tuple(getattr(x, 'shape', None) or ())
+      for p, x in jax.tree_util.tree_flatten_with_path(stored)[0]
+  }
   if want != have:
     differing = sorted(k for k in set(want) | set(have) if want.get(k) != have.get(k))
-    raise _BadStoredSizes(
-        f'{where}: the stored model sizes {sizes} do not match its parameters '
-        f'({len(differing)} differ, e.g. {differing[0]}: '
-        f'{have.get(differing[0])} stored, {want.get(differing[0])} expected)')
+    raise _BadStoredSizes(f'{where}: the stored model sizes {sizes} do not match its parameters '
+                          f'({len(differing)} differ, e.g. {differing[0]}: '
+                          f'{have.get(differing[0])} stored, {want.get(differing[0])} expected)')
   return build(), config
 
 
@@ -768,14 +779,14 @@ def _load_params(manager, step: int, directory: Path, dtype):
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   try:
     with _quiet_orbax():
-      restored = manager.restore(step, args=ocp.args.Composite(
-          params=ocp.args.StandardRestore(_abstract(params))))['params']
+      restored = manager.restore(
+          step,
+          args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params))))['params']
   except Exception as error:
     raise CheckpointError(f'{where}: its parameters are unreadable ({_one_line(error)})') from error
   sums = config.get('checksums')
   try:
-    _verify_checksums(restored, sums.get('params') if isinstance(sums, dict) else None,
-                      'parameter')
+    _verify_checksums(restored, sums.get('params') if isinstance(sums, dict) else None, 'parameter')
   except CheckpointError as error:
     raise CheckpointError(f'{where}: {error}') from None
   return nnx.merge(graphdef, restored, rest)

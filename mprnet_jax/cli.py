@@ -66,14 +66,18 @@ def _train(args, overrides: list[str]) -> None:
     # stderr a pipe, which costs the progress bar its terminal width, so elsewhere it stays off.
     quiet_xla_logs()
   result = train(config, args.workdir)
-  summary = {k: v for k, v in result.items()
-             if isinstance(v, (int, str)) or (isinstance(v, float) and np.isfinite(v))}
+  summary = {
+      k: v
+      for k, v in result.items()
+      if isinstance(v, (int, str)) or (isinstance(v, float) and np.isfinite(v))
+  }
   print(json.dumps(summary))
 
 
 def _has_cuda_plugin() -> bool:
-  return any(importlib.util.find_spec(name) is not None
-             for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
+  return any(
+      importlib.util.find_spec(name) is not None
+      for name in ('jax_cuda12_plugin', 'jax_cuda13_plugin'))
 
 
 def _restorer(args):
@@ -95,22 +99,22 @@ def _evaluate(args) -> None:
   protocol = protocols.check_protocol(args.protocol)
   if (args.weights is None) == (args.results is None):
     raise MprnetError('give either --weights (restore DATA/input and score) or --results '
-                     '(score restorations made elsewhere)')
+                      '(score restorations made elsewhere)')
   if args.results is not None and len(args.results) != len(args.data):
     raise MprnetError(f'{len(args.results)} --results for {len(args.data)} --data; give one '
-                     'results folder (or Idenoised.mat) per dataset, in the same order')
+                      'results folder (or Idenoised.mat) per dataset, in the same order')
   if protocol == 'dnd' and args.results is None and not args.output:
     raise MprnetError('--protocol dnd writes NNNN.mat files for the DND server: give --output DIR')
   if args.output and protocol in protocols.FOLDER_PROTOCOLS:
     raise MprnetError(f'--output is for sidd and dnd; --protocol {protocol} saves its '
-                     'restorations with --save-images DIR')
+                      'restorations with --save-images DIR')
   if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
     raise MprnetError('--save-images saves the restorations of --weights on image folders '
-                     '(sidd and dnd write theirs with --output)')
+                      '(sidd and dnd write theirs with --output)')
   names = [Path(d).resolve().name for d in args.data]
   if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
     raise MprnetError('two --data folders share a name, so their --output/--save-images '
-                     'subfolders would collide; evaluate them in separate calls')
+                      'subfolders would collide; evaluate them in separate calls')
   for data_dir in args.data:  # every dataset is checked before any weights are loaded
     protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
   restorer = _restorer(args) if args.weights is not None else None
@@ -118,11 +122,11 @@ def _evaluate(args) -> None:
   results = []
   for index, (data_dir, name) in enumerate(zip(args.data, names)):
     output = args.output and (Path(args.output) / name if several else args.output)
-    save_dir = args.save_images and (Path(args.save_images) / name if several
-                                     else args.save_images)
-    result = protocols.evaluate_dataset(
-        protocol, data_dir, restorer=restorer, output_dir=output, save_dir=save_dir,
-        results=args.results[index] if args.results else None, batch_size=args.batch)
+    save_dir = args.save_images and (Path(args.save_images) / name if several else args.save_images)
+    result = protocols.evaluate_dataset(protocol, data_dir, restorer=restorer, output_dir=output,
+                                        save_dir=save_dir,
+                                        results=args.results[index] if args.results else None,
+                                        batch_size=args.batch)
     results.append(result)
     if protocol == 'dnd':
       print(f'{data_dir}: restored {result["images"]} images ({result["patches"]} patches) '
@@ -154,8 +158,9 @@ def _export(args) -> None:
   if task is None:  # keep what the source records; a task that does not fit is dropped
     task = recorded_task(args.weights)
     if task is not None and PRESETS.get(task) != model.config:
-      warnings.warn(f'{args.weights}: recorded task {task!r} does not match its sizes; '
-                    'not carried over', stacklevel=1)
+      warnings.warn(
+          f'{args.weights}: recorded task {task!r} does not match its sizes; '
+          'not carried over', stacklevel=1)
       task = None
   path = export_weights(model, out, task=task, overwrite=args.overwrite)
   print(f'wrote {path}')
@@ -167,10 +172,9 @@ def _benchmark(args) -> None:
     run_suite(args.suite, cache_dir=args.cache_dir or tempfile.mkdtemp(prefix='mprnet-cache-'),
               steps=args.steps, warmup=args.warmup, smoke=args.smoke, suite=args.suite_rows)
     return
-  result = run_benchmark(mode=args.mode, task=args.task, dtype=args.dtype,
-                         batch=args.batch, size=args.size, remat=args.remat, steps=args.steps,
-                         warmup=args.warmup, smoke=args.smoke, cache_dir=args.cache_dir,
-                         compile_only=args.compile_only)
+  result = run_benchmark(mode=args.mode, task=args.task, dtype=args.dtype, batch=args.batch,
+                         size=args.size, remat=args.remat, steps=args.steps, warmup=args.warmup,
+                         smoke=args.smoke, cache_dir=args.cache_dir, compile_only=args.compile_only)
   print(json.dumps(result) if args.json else result['summary'])
 
 
@@ -186,22 +190,26 @@ class _MaxPixels(argparse.Action):
 
 
 def _add_inference_options(parser, *, weights_required: bool = True) -> None:
-  parser.add_argument('--weights', required=weights_required,
-                      help='our .safetensors, an official .pth, or a training workdir'
-                           + ('' if weights_required else ' (or --results)'))
+  parser.add_argument(
+      '--weights', required=weights_required,
+      help='our .safetensors, an official .pth, or a training workdir' +
+      ('' if weights_required else ' (or --results)'))
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
-  parser.add_argument('--tile', type=int, default=None,
-                      help='restore in tiles of this size (multiple of 8); default: whole '
-                           'image, tiling automatically when it does not fit in device memory')
+  parser.add_argument(
+      '--tile', type=int, default=None,
+      help='restore in tiles of this size (multiple of 8); default: whole '
+      'image, tiling automatically when it does not fit in device memory')
   parser.add_argument('--overlap', type=int, default=64, help='tile overlap in pixels')
-  parser.add_argument('--bucket', type=int, default=8,
-                      help='pad sizes to a multiple of this (8 = the official padding; larger '
-                           'values compile fewer shapes for folders of mixed sizes)')
+  parser.add_argument(
+      '--bucket', type=int, default=8,
+      help='pad sizes to a multiple of this (8 = the official padding; larger '
+      'values compile fewer shapes for folders of mixed sizes)')
   parser.add_argument('--ensemble', action='store_true',
                       help='average the 8 flips/rotations (geometric self-ensemble)')
-  parser.add_argument('--max-pixels', type=int, action=_MaxPixels, default=None,
-                      help='refuse images of more pixels than this, from their headers '
-                           '(default 100000000, or $MPRNET_MAX_PIXELS)')
+  parser.add_argument(
+      '--max-pixels', type=int, action=_MaxPixels, default=None,
+      help='refuse images of more pixels than this, from their headers '
+      '(default 100000000, or $MPRNET_MAX_PIXELS)')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -213,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('out', help='output weights, .safetensors')
   p.add_argument('--task', choices=['deblurring', 'denoising', 'deraining'],
                  help='check the sizes against this task and record it')
-  p.add_argument('--reference', help='reference outputs .npz (fixtures format, e.g. from '
-                                     'convert/dump_reference.py) to compare against')
+  p.add_argument(
+      '--reference', help='reference outputs .npz (fixtures format, e.g. from '
+      'convert/dump_reference.py) to compare against')
   p.add_argument('--overwrite', action='store_true')
 
   p = commands.add_parser('train', help='train (no --config: the built-in demo)')
@@ -227,26 +236,32 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--format', choices=['png', 'jpg', 'tif'], help='output format (default: same)')
   _add_inference_options(p)
 
-  p = commands.add_parser(
-      'evaluate', help="score restorations under an official protocol (the paper's tables)")
-  p.add_argument('--protocol', default='rgb', metavar='P',
-                 help='rgb (default: RGB PSNR, per-channel SSIM), gopro (also HIDE), realblur, '
-                      'rain, sidd, dnd; see README "Reproducing the paper\'s numbers"')
-  p.add_argument('--data', required=True, nargs='+', metavar='DIR',
-                 help='dataset folder(s): input/ and target/ (sidd: the two official .mat '
-                      'files; dnd: info.mat and images_srgb/); several give one row each and '
-                      'their mean')
-  p.add_argument('--results', nargs='+', metavar='RES',
-                 help='instead of --weights: restorations made elsewhere, one per --data '
-                      '(a folder named like target/; sidd: Idenoised.mat or its folder)')
-  p.add_argument('--output', metavar='DIR',
-                 help='sidd: write DIR/Idenoised.mat; dnd (required): DIR/NNNN.mat per image '
-                      '(with several datasets, DIR/<dataset name>/)')
-  p.add_argument('--save-images', metavar='DIR',
-                 help='write the restorations as 8-bit PNGs named like the inputs, for '
-                      '--results later (with several datasets, DIR/<dataset name>/)')
-  p.add_argument('--csv', help='per-image CSV (default for --protocol rgb with --weights: '
-                               'DATA/mprnet_metrics.csv)')
+  p = commands.add_parser('evaluate',
+                          help="score restorations under an official protocol (the paper's tables)")
+  p.add_argument(
+      '--protocol', default='rgb', metavar='P',
+      help='rgb (default: RGB PSNR, per-channel SSIM), gopro (also HIDE), realblur, '
+      'rain, sidd, dnd; see README "Reproducing the paper\'s numbers"')
+  p.add_argument(
+      '--data', required=True, nargs='+', metavar='DIR',
+      help='dataset folder(s): input/ and target/ (sidd: the two official .mat '
+      'files; dnd: info.mat and images_srgb/); several give one row each and '
+      'their mean')
+  p.add_argument(
+      '--results', nargs='+', metavar='RES',
+      help='instead of --weights: restorations made elsewhere, one per --data '
+      '(a folder named like target/; sidd: Idenoised.mat or its folder)')
+  p.add_argument(
+      '--output', metavar='DIR',
+      help='sidd: write DIR/Idenoised.mat; dnd (required): DIR/NNNN.mat per image '
+      '(with several datasets, DIR/<dataset name>/)')
+  p.add_argument(
+      '--save-images', metavar='DIR',
+      help='write the restorations as 8-bit PNGs named like the inputs, for '
+      '--results later (with several datasets, DIR/<dataset name>/)')
+  p.add_argument(
+      '--csv', help='per-image CSV (default for --protocol rgb with --weights: '
+      'DATA/mprnet_metrics.csv)')
   p.add_argument('--json', metavar='OUT.json', help='write the results, per image, as JSON')
   p.add_argument('--batch', type=int, default=8,
                  help='sidd/dnd: blocks or patches restored per call')
@@ -264,21 +279,24 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
   p.add_argument('--batch', type=int, default=16)
   p.add_argument('--size', default='256', help='crop size: N or HxW (inference e.g. 720x1280)')
-  p.add_argument('--remat', default='none', choices=['none', 'convs', 'runs', 'full'],
-                 help="recompute in the CABs' backward pass: nothing, the elementwise work "
-                      "around the convs (per block, or per run of blocks: 'runs'), or "
-                      "everything but each block's input")
+  p.add_argument(
+      '--remat', default='none', choices=['none', 'convs', 'runs', 'full'],
+      help="recompute in the CABs' backward pass: nothing, the elementwise work "
+      "around the convs (per block, or per run of blocks: 'runs'), or "
+      "everything but each block's input")
   p.add_argument('--suite', metavar='OUT.jsonl',
                  help='run every row of a suite, each in its own process, into OUT.jsonl')
-  p.add_argument('--suite-rows', choices=['table', 'levers'], default='table',
-                 help="the suite: 'table' (the rows of BENCHMARKS.md) or 'levers' (options "
-                      'still to be measured on a GPU)')
+  p.add_argument(
+      '--suite-rows', choices=['table', 'levers'], default='table',
+      help="the suite: 'table' (the rows of BENCHMARKS.md) or 'levers' (options "
+      'still to be measured on a GPU)')
   p.add_argument('--steps', type=int, default=20, help='timed steps')
   p.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
   p.add_argument('--smoke', action='store_true', help='tiny model, CPU-sized: checks the harness')
-  p.add_argument('--compile-only', action='store_true',
-                 help="compile without running; report compile time and XLA's buffer sizes "
-                      '(memory of a configuration, on any machine)')
+  p.add_argument(
+      '--compile-only', action='store_true',
+      help="compile without running; report compile time and XLA's buffer sizes "
+      '(memory of a configuration, on any machine)')
   p.add_argument('--cache-dir', help='persistent compilation cache folder')
   p.add_argument('--json', action='store_true', help='print the result as JSON')
   return parser
@@ -292,8 +310,10 @@ def main(argv: list[str] | None = None) -> int:
   unknown = [a for a in extra if not a.startswith('--config.')]
   if unknown or (overrides and args.command != 'train'):
     parser.error(f'unrecognised arguments: {" ".join(unknown or extra)}')
-  handlers = {'convert': _convert, 'restore': _restore, 'evaluate': _evaluate,
-              'export': _export, 'benchmark': _benchmark}
+  handlers = {
+      'convert': _convert, 'restore': _restore, 'evaluate': _evaluate, 'export': _export,
+      'benchmark': _benchmark
+  }
   warnings.simplefilter('default')
   try:
     if args.command == 'train':

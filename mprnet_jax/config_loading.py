@@ -29,8 +29,8 @@ from mprnet_jax.model import COMPUTE_DTYPES, PRESETS
 __all__ = ['load_config', 'apply_override', 'config_to_dict', 'validate_config']
 
 
-def load_config(path: str | os.PathLike | None,
-                overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+def load_config(
+    path: str | os.PathLike | None, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
   """The `get_config()` of the Python file at `path` (None: the packaged demo), with
   `overrides` applied in order, validated."""
   if path is None:
@@ -58,7 +58,8 @@ def _load_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
   try:
     spec.loader.exec_module(module)
   except Exception as error:
-    raise ConfigError(f'config file {path} failed to load: {type(error).__name__}: {error}') from error
+    raise ConfigError(
+        f'config file {path} failed to load: {type(error).__name__}: {error}') from error
   if not hasattr(module, 'get_config'):
     raise ConfigError(f'config file {path} has no get_config()')
   return module.get_config()
@@ -81,7 +82,8 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   node = config
   for i, part in enumerate(parents):
     if part not in node or not isinstance(node[part], ml_collections.ConfigDict):
-      raise ConfigError(f'unknown config field {".".join(parents[:i + 1])!r} (in override {override!r})')
+      raise ConfigError(
+          f'unknown config field {".".join(parents[:i + 1])!r} (in override {override!r})')
     node = node[part]
   if leaf not in node:
     known = ', '.join(sorted(node.keys()))
@@ -103,7 +105,7 @@ def apply_override(config: ml_collections.ConfigDict, override: str) -> None:
   except (TypeError, ValueError) as error:
     expected = type(current).__name__ if current is not None else 'the field type'
     raise ConfigError(f'bad value {text!r} for config field {key!r}: expected {expected} '
-                     f'({str(error).splitlines()[0]})') from None
+                      f'({str(error).splitlines()[0]})') from None
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict:
@@ -167,8 +169,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   """Raises a one-line `ConfigError` naming the first field whose value cannot work."""
   _choice(config, 'task', _TASKS)
   preset = _choice(config, 'model.task_preset', ('',) + _TASKS)
-  sizes = {name: _integer(config, f'model.{name}', low=1, optional=True)
-           for name in _SIZE_FIELDS}
+  sizes = {name: _integer(config, f'model.{name}', low=1, optional=True) for name in _SIZE_FIELDS}
   if not preset and None in sizes.values():
     missing = ', '.join(f'config.model.{k}' for k, v in sizes.items() if v is None)
     raise ConfigError(f"config.model.task_preset='' needs all four sizes; not set: {missing}")
@@ -205,9 +206,9 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   _choice(config, 'data.kind', ('paired', 'synthetic', 'shards'))
   _choice(config, 'data.degradation', ('noise', 'gaussian_blur', 'motion_blur', 'mixed'))
   sigma = _field(config, 'data.noise_sigma')
-  if (not isinstance(sigma, (tuple, list)) or len(sigma) != 2
-      or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigma)
-      or not 0 <= sigma[0] <= sigma[1]):
+  if (not isinstance(sigma, (tuple, list)) or len(sigma) != 2 or
+      not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in sigma) or
+      not 0 <= sigma[0] <= sigma[1]):
     raise ConfigError(f'config.data.noise_sigma must be (low, high) with 0 <= low <= high, '
                       f'got {sigma!r}')
   _integer(config, 'data.variants', low=1)

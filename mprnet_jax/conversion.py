@@ -53,18 +53,19 @@ def _from_torch_layout(value: np.ndarray) -> np.ndarray:
 def to_pytorch_state_dict(model: MPRNet) -> dict[str, np.ndarray]:
   """The official `state_dict()` of `model`: same keys (the shared PReLU under each of its
   positions), OIHW conv weights, numpy arrays."""
-  return {key: _to_torch_layout(np.asarray(param[...]))
-          for key, param in iter_torch_params(model)}
+  return {key: _to_torch_layout(np.asarray(param[...])) for key, param in iter_torch_params(model)}
 
 
 def unwrap_state_dict(checkpoint: Mapping, source: str = 'checkpoint') -> dict[str, np.ndarray]:
   """The bare state dict of an official checkpoint: `{'state_dict': ...}` or bare, with the
   `module.` prefix of DataParallel removed."""
   if not isinstance(checkpoint, Mapping):
-    raise CheckpointError(f'{source}: expected a dict of tensors, found {type(checkpoint).__name__}')
+    raise CheckpointError(
+        f'{source}: expected a dict of tensors, found {type(checkpoint).__name__}')
   state = checkpoint.get('state_dict', checkpoint)
   if not isinstance(state, Mapping) or not state:
-    raise CheckpointError(f'{source}: no state dict found (keys: {", ".join(map(str, checkpoint))})')
+    raise CheckpointError(
+        f'{source}: no state dict found (keys: {", ".join(map(str, checkpoint))})')
   bad = [k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, np.ndarray)]
   if bad:
     raise CheckpointError(f'{source}: not a state dict of tensors (e.g. entry {bad[0]!r})')
@@ -89,9 +90,11 @@ def _conv_shape(state: Mapping[str, np.ndarray], key: str, source: str) -> tuple
 def validate_sizes(config: MPRNetConfig, source: str = 'checkpoint') -> MPRNetConfig:
   """Refuses (one CheckpointError line) sizes that cannot be an MPRNet or are implausibly
   large, before any model is described or allocated; returns `config`."""
-  limits = {'n_feat': _MAX_WIDTH, 'scale_unetfeats': _MAX_WIDTH, 'scale_orsnetfeats': _MAX_WIDTH,
-            'num_cab': _MAX_CABS, 'kernel_size': _MAX_KERNEL, 'reduction': _MAX_WIDTH,
-            'in_c': _MAX_CHANNELS, 'out_c': _MAX_CHANNELS}
+  limits = {
+      'n_feat': _MAX_WIDTH, 'scale_unetfeats': _MAX_WIDTH, 'scale_orsnetfeats': _MAX_WIDTH,
+      'num_cab': _MAX_CABS, 'kernel_size': _MAX_KERNEL, 'reduction': _MAX_WIDTH,
+      'in_c': _MAX_CHANNELS, 'out_c': _MAX_CHANNELS
+  }
   for field, top in limits.items():
     value = getattr(config, field)
     if type(value) is not int or not 1 <= value <= top:
@@ -108,8 +111,10 @@ def validate_sizes(config: MPRNetConfig, source: str = 'checkpoint') -> MPRNetCo
 def infer_config(state: Mapping[str, np.ndarray], source: str = 'checkpoint') -> MPRNetConfig:
   """The MPRNet sizes that produced a state dict, read off its tensor shapes; one-line
   CheckpointError when the shapes cannot be an MPRNet's (wrong rank, zero-sized, absurd)."""
-  needed = ['shallow_feat1.0.weight', 'shallow_feat1.1.CA.conv_du.0.weight', 'concat23.weight',
-            'stage1_encoder.down12.down.1.weight', 'tail.weight']
+  needed = [
+      'shallow_feat1.0.weight', 'shallow_feat1.1.CA.conv_du.0.weight', 'concat23.weight',
+      'stage1_encoder.down12.down.1.weight', 'tail.weight'
+  ]
   missing = [k for k in needed if k not in state]
   if missing:
     raise CheckpointError(f'{source}: not an MPRNet state dict (missing {", ".join(missing)})')
@@ -118,15 +123,14 @@ def infer_config(state: Mapping[str, np.ndarray], source: str = 'checkpoint') ->
     raise CheckpointError(f'{source}: {needed[0]} has a {kernel_size}x{kernel_width} kernel; '
                           'MPRNet kernels are square')
   squeezed = _conv_shape(state, needed[1], source)[0]
-  num_cab = sum(1 for k in state
-                if k.startswith('stage3_orsnet.orb1.body.') and k.endswith('.body.0.weight'))
-  config = MPRNetConfig(
-      n_feat=n_feat,
-      scale_unetfeats=_conv_shape(state, needed[3], source)[0] - n_feat,
-      scale_orsnetfeats=_conv_shape(state, needed[2], source)[0] - n_feat,
-      num_cab=num_cab, kernel_size=kernel_size, reduction=max(1, n_feat // squeezed),
-      bias='shallow_feat1.0.bias' in state, in_c=in_c,
-      out_c=_conv_shape(state, needed[4], source)[0])
+  num_cab = sum(
+      1 for k in state if k.startswith('stage3_orsnet.orb1.body.') and k.endswith('.body.0.weight'))
+  config = MPRNetConfig(n_feat=n_feat,
+                        scale_unetfeats=_conv_shape(state, needed[3], source)[0] - n_feat,
+                        scale_orsnetfeats=_conv_shape(state, needed[2], source)[0] - n_feat,
+                        num_cab=num_cab, kernel_size=kernel_size,
+                        reduction=max(1, n_feat // squeezed), bias='shallow_feat1.0.bias' in state,
+                        in_c=in_c, out_c=_conv_shape(state, needed[4], source)[0])
   return validate_sizes(config, source)
 
 
@@ -138,13 +142,16 @@ def check_task(config: MPRNetConfig, task: str | None, source: str) -> None:
     raise ValueError(f'unknown task {task!r}: expected one of {", ".join(PRESETS)}')
   preset = PRESETS[task]
   if config != preset:
-    differ = [f'{f}={getattr(config, f)} (task {task!r}: {getattr(preset, f)})'
-              for f in config.to_dict() if getattr(config, f) != getattr(preset, f)]
+    differ = [
+        f'{f}={getattr(config, f)} (task {task!r}: {getattr(preset, f)})' for f in config.to_dict()
+        if getattr(config, f) != getattr(preset, f)
+    ]
     raise CheckpointError(f'{source}: sizes do not match task {task!r}: {", ".join(differ)}')
 
 
 def _listing(label: str, items: list[str], limit: int = 6) -> str:
-  shown = ', '.join(items[:limit]) + (f' and {len(items) - limit} more' if len(items) > limit else '')
+  shown = ', '.join(
+      items[:limit]) + (f' and {len(items) - limit} more' if len(items) > limit else '')
   return f'{len(items)} {label} ({shown})'
 
 
@@ -179,9 +186,13 @@ def load_state_dict(model: MPRNet, state: Mapping[str, np.ndarray],
         disagreeing.append(key)
   seen = {k for _, keys in positions.values() for k in keys}
   unexpected = sorted(set(state) - seen)
-  problems = [_listing(label, items) for label, items in (
-      ('missing', missing), ('unexpected', unexpected), ('mis-shaped', misshaped),
-      ('shared-PReLU copies that differ from the first', disagreeing)) if items]
+  problems = [
+      _listing(label, items)
+      for label, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped',
+                                                                              misshaped),
+                           ('shared-PReLU copies that differ from the first', disagreeing))
+      if items
+  ]
   if problems:
     raise CheckpointError(f'{source}: does not fit MPRNet: ' + '; '.join(problems))
   for key, _, value in values:  # NaN/Inf weights give NaN images with no error anywhere later
@@ -195,8 +206,8 @@ def load_state_dict(model: MPRNet, state: Mapping[str, np.ndarray],
   return model
 
 
-def from_pytorch(path_or_state_dict, *, task: str | None = None, dtype=None,
-                 param_dtype=None, source: str | None = None) -> MPRNet:
+def from_pytorch(path_or_state_dict, *, task: str | None = None, dtype=None, param_dtype=None,
+                 source: str | None = None) -> MPRNet:
   """An MPRNet holding the weights of an official PyTorch checkpoint.
 
   Reads `.pth` files (zip or legacy format) without torch and without running code from them;

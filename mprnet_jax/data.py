@@ -25,9 +25,11 @@ from mprnet_jax import augment, image_io
 from mprnet_jax.errors import DataError
 from mprnet_jax.shards import ShardSource  # re-exported: one place for the training sources
 
-__all__ = ['PairedFolderSource', 'SyntheticSource', 'ShardSource',
-           'BUNDLED_PHOTOS', 'VALIDATION_PHOTOS', 'load_bundled_photos', 'bundled_photo_split',
-           'degrade', 'make_train_loader', 'make_eval_batches', 'loader_state', 'restore_loader']
+__all__ = [
+    'PairedFolderSource', 'SyntheticSource', 'ShardSource', 'BUNDLED_PHOTOS', 'VALIDATION_PHOTOS',
+    'load_bundled_photos', 'bundled_photo_split', 'degrade', 'make_train_loader',
+    'make_eval_batches', 'loader_state', 'restore_loader'
+]
 
 IMAGE_EXTENSIONS = image_io.IMAGE_SUFFIXES  # one list of image extensions, image_io's
 
@@ -61,27 +63,30 @@ class PairedFolderSource:
       folders[sub] = os.path.join(root, sub)
       if not os.path.isdir(folders[sub]):
         raise DataError(f'dataset folder {root} has no {sub}/ subfolder')
-    names = {sub: {f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)}
-             for sub, path in folders.items()}
+    names = {
+        sub: {f for f in os.listdir(path) if f.lower().endswith(IMAGE_EXTENSIONS)}
+        for sub, path in folders.items()
+    }
     if not names['input'] and not names['target']:
       raise DataError(f'no images ({", ".join(IMAGE_EXTENSIONS)}) in {root}/input, {root}/target')
     unmatched = sorted(names['input'] ^ names['target'])
     if unmatched:
-      shown = ', '.join(('input/' if n in names['input'] else 'target/') + n
-                        for n in unmatched[:10])
+      shown = ', '.join(
+          ('input/' if n in names['input'] else 'target/') + n for n in unmatched[:10])
       raise DataError(f'{len(unmatched)} images in {root} have no partner of the same name: '
-                       f'{shown}{", ..." if len(unmatched) > 10 else ""}')
+                      f'{shown}{", ..." if len(unmatched) > 10 else ""}')
     self.root = root
     self.names = sorted(names['input'])
-    self._paths = [(os.path.join(folders['input'], n), os.path.join(folders['target'], n))
-                   for n in self.names]
+    self._paths = [
+        (os.path.join(folders['input'], n), os.path.join(folders['target'], n)) for n in self.names
+    ]
     for name, (inp, tgt) in zip(self.names, self._paths):
       # Headers only: refuses FIFOs and devices (whose open() blocks) and images above the
       # pixel limit before anything is decoded.
       a, b = image_io.read_size(inp), image_io.read_size(tgt)
       if a != b:
         raise DataError(f'pair {name} differs in size: input {a[0]}x{a[1]}, '
-                         f'target {b[0]}x{b[1]} (HxW)')
+                        f'target {b[0]}x{b[1]} (HxW)')
     self.cache = cache
     self._cache: dict[int, dict[str, Any]] = {}
 
@@ -145,8 +150,8 @@ def motion_kernel(length: int, angle: float) -> np.ndarray:
   return kernel / kernel.sum()
 
 
-def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, *,
-            noise_sigma=(5.0, 50.0), blur_sigma=(0.5, 3.0), motion_length=(5, 21)) -> np.ndarray:
+def degrade(image: np.ndarray, kind: str, rng: np.random.Generator, *, noise_sigma=(5.0, 50.0),
+            blur_sigma=(0.5, 3.0), motion_length=(5, 21)) -> np.ndarray:
   """A degraded copy of uint8 (H, W, 3): Gaussian noise (sigma on the 0-255 scale), Gaussian
   blur, motion blur (random line kernel), or 'mixed' (one of the three). Ranges are uniform
   [low, high]. Blurs reflect at the borders; the result is rounded and clipped to uint8."""
@@ -201,8 +206,10 @@ class SyntheticSource:
     index = int(index)
     clean = self.images[index % len(self.images)]
     rng = np.random.default_rng([self.seed, index])
-    return {'input': degrade(clean, self.degradation, rng, **self.ranges), 'target': clean,
-            'name': f'{self.names[index % len(self.images)]}#{index // len(self.images)}'}
+    return {
+        'input': degrade(clean, self.degradation, rng, **self.ranges), 'target': clean,
+        'name': f'{self.names[index % len(self.images)]}#{index // len(self.images)}'
+    }
 
 
 class _TrainCrop(grain.transforms.RandomMap):
@@ -228,10 +235,10 @@ def _mark_absl_flags_parsed():
     flags.FLAGS.mark_as_parsed()
 
 
-def make_train_loader(source, *, batch_size: int, patch_size: int, seed: int,
-                      num_workers: int = 0, shard_index: int = 0, shard_count: int = 1,
-                      augment: str = 'deblur', num_epochs: int | None = None,
-                      saturation: float = 0.2, read_threads: int = 1) -> grain.IterDataset:
+def make_train_loader(source, *, batch_size: int, patch_size: int, seed: int, num_workers: int = 0,
+                      shard_index: int = 0, shard_count: int = 1, augment: str = 'deblur',
+                      num_epochs: int | None = None, saturation: float = 0.2,
+                      read_threads: int = 1) -> grain.IterDataset:
   """Shuffled, augmented training batches of one process, as a grain `IterDataset`.
 
   `iter(loader)` yields {'input', 'target': float32 (batch_size, P, P, 3)}.
@@ -255,7 +262,7 @@ def make_train_loader(source, *, batch_size: int, patch_size: int, seed: int,
   per_shard = len(source) // shard_count
   if per_shard < batch_size:
     raise DataError(f'{len(source)} examples over {shard_count} processes is fewer than '
-                     f'one batch of {batch_size} per process')
+                    f'one batch of {batch_size} per process')
   _mark_absl_flags_parsed()
   shuffle_seed, augment_seed = np.random.SeedSequence([seed, shard_index]).generate_state(2)
   ds = grain.MapDataset.source(source)[shard_index * per_shard:(shard_index + 1) * per_shard]
@@ -264,14 +271,14 @@ def make_train_loader(source, *, batch_size: int, patch_size: int, seed: int,
                      seed=int(augment_seed))
   ds = ds.batch(batch_size, drop_remainder=True)
   # A small buffer: each element is a whole batch (16x256x256x3x2 float32 = 25 MB).
-  it = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads,
-                                            prefetch_buffer_size=2 * read_threads))
+  it = ds.to_iter_dataset(
+      grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads))
   if num_workers > 0:
     # Workers hand batches over through shared memory only from an IterDataset `batch`;
     # a batch of one batch gets that (not pickling 25 MB) and keeps the batches themselves
     # formed before the workers split the work, so they do not depend on num_workers.
-    it = it.batch(1).mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers,
-                                                              per_worker_buffer_size=2))
+    it = it.batch(1).mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=2))
     it = it.map(_unwrap_one)
   return it
 
@@ -297,13 +304,14 @@ def make_eval_batches(source, patch_size: int | None, batch_size: int = 1) -> li
   batches, pending = [], []
   for i in range(len(source)):
     example = source[i]
-    crop = ((lambda im: augment.center_crop(im, patch_size)) if patch_size
-            else augment.crop_to_multiple)
+    crop = ((lambda im: augment.center_crop(im, patch_size))
+            if patch_size else augment.crop_to_multiple)
     pending.append((augment.to_float(crop(example['input'])),
                     augment.to_float(crop(example['target'])), example['name']))
     if len(pending) == (batch_size if patch_size else 1) or i == len(source) - 1:
-      batches.append({'input': np.stack([p[0] for p in pending]),
-                      'target': np.stack([p[1] for p in pending]),
-                      'name': [p[2] for p in pending]})
+      batches.append({
+          'input': np.stack([p[0] for p in pending]), 'target': np.stack([p[1] for p in pending]),
+          'name': [p[2] for p in pending]
+      })
       pending = []
   return batches

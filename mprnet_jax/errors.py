@@ -11,8 +11,9 @@ catches them.
 
 from __future__ import annotations
 
-__all__ = ['MprnetError', 'ConfigError', 'CheckpointError', 'ImageError', 'DataError',
-           'NonFiniteTraining']
+__all__ = [
+    'MprnetError', 'ConfigError', 'CheckpointError', 'ImageError', 'DataError', 'NonFiniteTraining'
+]
 
 
 class MprnetError(ValueError):

@@ -34,8 +34,10 @@ try:  # optional: a fast 16-bit PNG decoder; the NumPy fallback below is exact b
 except ImportError:  # pragma: no cover - depends on the environment
   imagecodecs = None
 
-__all__ = ['ImageError', 'ImageInfo', 'read_image', 'read_size', 'write_image', 'list_images',
-           'IMAGE_SUFFIXES', 'max_pixels', 'MAX_PIXELS_ENV', 'DEFAULT_MAX_PIXELS']
+__all__ = [
+    'ImageError', 'ImageInfo', 'read_image', 'read_size', 'write_image', 'list_images',
+    'IMAGE_SUFFIXES', 'max_pixels', 'MAX_PIXELS_ENV', 'DEFAULT_MAX_PIXELS'
+]
 
 IMAGE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff', '.bmp')
 _WRITE_SUFFIXES = ('.png', '.jpg', '.jpeg', '.tif', '.tiff')
@@ -170,8 +172,8 @@ def _decode_png(data: bytes) -> np.ndarray:
     raise ValueError('not a PNG')
   offset, idat, header = 8, [], None
   while offset + 8 <= len(data):
-    (length,), kind = struct.unpack('>I', data[offset : offset + 4]), data[offset + 4 : offset + 8]
-    body = data[offset + 8 : offset + 8 + length]
+    (length,), kind = struct.unpack('>I', data[offset:offset + 4]), data[offset + 4:offset + 8]
+    body = data[offset + 8:offset + 8 + length]
     if kind == b'IHDR':
       header = struct.unpack('>IIBBBBB', body)
     elif kind == b'IDAT':
@@ -185,8 +187,7 @@ def _decode_png(data: bytes) -> np.ndarray:
   channels = {0: 1, 2: 3, 4: 2, 6: 4}.get(colour)
   if channels is None or depth not in (8, 16) or interlace:
     raise ValueError(
-      f'unsupported PNG (bit depth {depth}, colour type {colour}, interlace {interlace})'
-    )
+        f'unsupported PNG (bit depth {depth}, colour type {colour}, interlace {interlace})')
   bpp = channels * depth // 8
   expected = height * (width * bpp + 1)
   # Inflate no more than the header's size needs: IDAT may be a zlib bomb.
@@ -209,8 +210,8 @@ def _encode_png16(array: np.ndarray) -> bytes:
     return struct.pack('>I', len(body)) + kind + body + struct.pack('>I', zlib.crc32(kind + body))
 
   header = struct.pack('>IIBBBBB', width, height, 16, 2 if channels == 3 else 6, 0, 0, 0)
-  return (_PNG_SIGNATURE + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw, 6))
-      + chunk(b'IEND', b''))
+  return (_PNG_SIGNATURE + chunk(b'IHDR', header) + chunk(b'IDAT', zlib.compress(raw, 6)) +
+          chunk(b'IEND', b''))
 
 
 def _tiff_size(tif, path: Path) -> tuple[int, int, int]:

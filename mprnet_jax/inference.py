@@ -33,8 +33,8 @@ _MEMORY_HEADROOM = 0.7
 
 
 def _is_out_of_memory(error: Exception) -> bool:
-  return (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error)
-          or 'out of memory' in str(error).lower())
+  return (isinstance(error, MemoryError) or 'RESOURCE_EXHAUSTED' in str(error) or
+          'out of memory' in str(error).lower())
 
 
 def _free_memory_bytes(device) -> int | None:
@@ -108,9 +108,8 @@ class Restorer:
       out-of-memory error that still happens falls back to tiles too.
   """
 
-  def __init__(self, weights, *, dtype: str = 'float32', tile: int | None = None,
-               overlap: int = 64, bucket: int = 8, ensemble: bool = False,
-               memory_budget: int | None = None):
+  def __init__(self, weights, *, dtype: str = 'float32', tile: int | None = None, overlap: int = 64,
+               bucket: int = 8, ensemble: bool = False, memory_budget: int | None = None):
     compute = compute_dtype(dtype)
     if bucket <= 0 or bucket % 8:
       raise MprnetError(f'bucket must be a positive multiple of 8, got {bucket}')
@@ -140,8 +139,9 @@ class Restorer:
     with `ensemble`, the mean over the 8 flips/rotations."""
     if not self.ensemble:
       return self._apply(self._params, x)
-    total = sum(_inverse_geometric(self._apply(self._params, _geometric(x, mode)), mode)
-                for mode in range(8))
+    total = sum(
+        _inverse_geometric(self._apply(self._params, _geometric(x, mode)), mode)
+        for mode in range(8))
     return total / 8.0
 
   def estimate_bytes(self, height: int, width: int) -> int:
@@ -172,10 +172,10 @@ class Restorer:
       # Tile before running: on the CPU the kernel may kill the process instead of XLA
       # reporting RESOURCE_EXHAUSTED, and then nothing could fall back.
       fitting = [t for t in tiles if self.estimate_bytes(t, t) <= budget] or tiles[-1:]
-      warnings.warn(f'image of {height}x{width} needs about {need / 2**30:.1f} GiB to restore '
-                    f'whole, more than the {budget / 2**30:.1f} GiB budget on '
-                    f'{jax.devices()[0].platform}; restoring in {fitting[0]}-pixel tiles',
-                    stacklevel=2)
+      warnings.warn(
+          f'image of {height}x{width} needs about {need / 2**30:.1f} GiB to restore '
+          f'whole, more than the {budget / 2**30:.1f} GiB budget on '
+          f'{jax.devices()[0].platform}; restoring in {fitting[0]}-pixel tiles', stacklevel=2)
       tiles = fitting
     else:
       try:
@@ -184,13 +184,14 @@ class Restorer:
         if not _is_out_of_memory(error):
           raise
       if tiles:
-        warnings.warn(f'image of {height}x{width} does not fit in device memory; restoring in '
-                      f'{tiles[0]}-pixel tiles', stacklevel=2)
+        warnings.warn(
+            f'image of {height}x{width} does not fit in device memory; restoring in '
+            f'{tiles[0]}-pixel tiles', stacklevel=2)
     for index, tile in enumerate(tiles):
       if index:
-        warnings.warn(f'image of {height}x{width} does not fit in device memory even in '
-                      f'{tiles[index - 1]}-pixel tiles; restoring in {tile}-pixel tiles',
-                      stacklevel=2)
+        warnings.warn(
+            f'image of {height}x{width} does not fit in device memory even in '
+            f'{tiles[index - 1]}-pixel tiles; restoring in {tile}-pixel tiles', stacklevel=2)
       try:
         return tiling.restore_tiled(self.apply_batch, image, tile, min(self.overlap, tile // 4),
                                     self.bucket, batch_tiles=1)

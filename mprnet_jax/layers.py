@@ -46,10 +46,9 @@ def conv(in_features: int, out_features: int, kernel_size: int, *, bias: bool = 
          dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs) -> nnx.Conv:
   """A stride-1 convolution with zero 'same' padding and PyTorch's default initialisation."""
   fan_in = in_features * kernel_size * kernel_size
-  return nnx.Conv(
-      in_features, out_features, (kernel_size, kernel_size), padding='SAME', use_bias=bias,
-      dtype=dtype, param_dtype=param_dtype, kernel_init=_torch_uniform(fan_in),
-      bias_init=_torch_uniform(fan_in), rngs=rngs)
+  return nnx.Conv(in_features, out_features, (kernel_size, kernel_size), padding='SAME',
+                  use_bias=bias, dtype=dtype, param_dtype=param_dtype,
+                  kernel_init=_torch_uniform(fan_in), bias_init=_torch_uniform(fan_in), rngs=rngs)
 
 
 class PReLU(nnx.Module):
@@ -94,9 +93,10 @@ def _upsample_axis(x: jax.Array, axis: int) -> jax.Array:
   # torch's align_corners=False maps output 2j to input j - 1/4 and 2j+1 to j + 1/4, with
   # source indices clamped at the borders (hence edge padding).
   size = x.shape[axis]
-  padded = jnp.concatenate(
-      [jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
-       jax.lax.slice_in_dim(x, size - 1, size, axis=axis)], axis=axis)
+  padded = jnp.concatenate([
+      jax.lax.slice_in_dim(x, 0, 1, axis=axis), x,
+      jax.lax.slice_in_dim(x, size - 1, size, axis=axis)
+  ], axis=axis)
   before = jax.lax.slice_in_dim(padded, 0, size, axis=axis)
   after = jax.lax.slice_in_dim(padded, 2, size + 2, axis=axis)
   even = 0.25 * before + 0.75 * x
@@ -125,8 +125,8 @@ class Resample(nnx.Module):
 class CALayer(nnx.Module):
   """Channel attention (the 'CA' of a CAB): squeeze by global mean, excite by two 1x1 convs."""
 
-  def __init__(self, channels: int, reduction: int = 16, bias: bool = False, *,
-               dtype: Dtype = None, param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(self, channels: int, reduction: int = 16, bias: bool = False, *, dtype: Dtype = None,
+               param_dtype: Dtype = jnp.float32, rngs: nnx.Rngs):
     squeezed = channels // reduction
     self.conv_du = nnx.List([
         conv(channels, squeezed, 1, bias=bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs),
@@ -146,8 +146,8 @@ class CALayer(nnx.Module):
 class CAB(nnx.Module):
   """Channel Attention Block: conv, PReLU, conv, channel attention, plus a residual."""
 
-  def __init__(self, channels: int, kernel_size: int, reduction: int, bias: bool, act: PReLU,
-               *, dtype: Dtype = None, param_dtype: Dtype = jnp.float32, remat: bool | str = False,
+  def __init__(self, channels: int, kernel_size: int, reduction: int, bias: bool, act: PReLU, *,
+               dtype: Dtype = None, param_dtype: Dtype = jnp.float32, remat: bool | str = False,
                rngs: nnx.Rngs):
     # Registered in the official order (attention first), so state dicts list keys alike.
     self.CA = CALayer(channels, reduction, bias=bias, dtype=dtype, param_dtype=param_dtype,

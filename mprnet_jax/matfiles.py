@@ -17,8 +17,10 @@ import scipy.io
 
 from mprnet_jax.errors import DataError
 
-__all__ = ['read_mat_variable', 'read_blocks', 'write_mat', 'read_dnd_boxes', 'dnd_image_shape',
-           'read_dnd_image']
+__all__ = [
+    'read_mat_variable', 'read_blocks', 'write_mat', 'read_dnd_boxes', 'dnd_image_shape',
+    'read_dnd_image'
+]
 
 
 def _h5py():

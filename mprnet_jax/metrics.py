@@ -28,16 +28,16 @@ float64 implementation of MATLAB's documented `ssim`).
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from mprnet_jax.errors import MprnetError
 
-__all__ = ['psnr', 'ssim', 'psnr_y', 'ssim_y', 'gaussian_taps', 'rgb_to_y', 'psnr_matlab',
-           'ssim_matlab', 'realblur_align', 'realblur_masked_metrics', 'realblur_psnr_ssim',
-           'require_opencv']
+__all__ = [
+    'psnr', 'ssim', 'psnr_y', 'ssim_y', 'gaussian_taps', 'rgb_to_y', 'psnr_matlab', 'ssim_matlab',
+    'realblur_align', 'realblur_masked_metrics', 'realblur_psnr_ssim', 'require_opencv'
+]
 
 _SIGMA = 1.5
 _TRUNCATE = 3.5  # scikit-image's default for gaussian_weights: radius int(3.5 * 1.5 + 0.5) = 5
@@ -53,7 +53,7 @@ def gaussian_taps(sigma: float = _SIGMA, truncate: float = _TRUNCATE) -> jnp.nda
   """
   radius = int(truncate * sigma + 0.5)
   offsets = jnp.arange(-radius, radius + 1, dtype=jnp.float32)
-  taps = jnp.exp(-0.5 * (offsets / sigma) ** 2)
+  taps = jnp.exp(-0.5 * (offsets / sigma)**2)
   return taps / jnp.sum(taps)
 
 
@@ -86,8 +86,8 @@ def _filter_separable(x: jnp.ndarray, taps: jnp.ndarray) -> jnp.ndarray:
   """
   k = taps.shape[0]
   h, w = x.shape[-3], x.shape[-2]
-  rows = sum(taps[i] * x[..., i : h - k + 1 + i, :, :] for i in range(k))
-  return sum(taps[i] * rows[..., :, i : w - k + 1 + i, :] for i in range(k))
+  rows = sum(taps[i] * x[..., i:h - k + 1 + i, :, :] for i in range(k))
+  return sum(taps[i] * rows[..., :, i:w - k + 1 + i, :] for i in range(k))
 
 
 def _ssim_map(x: jnp.ndarray, y: jnp.ndarray, data_range: float, taps: jnp.ndarray) -> jnp.ndarray:
@@ -106,11 +106,10 @@ def _ssim_map(x: jnp.ndarray, y: jnp.ndarray, data_range: float, taps: jnp.ndarr
   var_y = e_yy - mu_yc * mu_yc
   cov_xy = e_xy - mu_xc * mu_yc
   mu_x, mu_y = mu_xc + x_mean, mu_yc + y_mean
-  c1 = (_K1 * data_range) ** 2
-  c2 = (_K2 * data_range) ** 2
-  return ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-    (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-  )
+  c1 = (_K1 * data_range)**2
+  c2 = (_K2 * data_range)**2
+  return ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) *
+                                                         (var_x + var_y + c2))
 
 
 def ssim(restored: jnp.ndarray, target: jnp.ndarray) -> jnp.ndarray:
@@ -214,7 +213,7 @@ def _replicate_mixing(length: int, sigma: float = _SIGMA) -> np.ndarray:
   """
   radius = int(np.ceil(3 * sigma))  # MATLAB's window: 2 ceil(3 sigma) + 1 taps
   offsets = np.arange(-radius, radius + 1, dtype=np.float64)
-  taps = np.exp(-0.5 * (offsets / sigma) ** 2)
+  taps = np.exp(-0.5 * (offsets / sigma)**2)
   taps /= taps.sum()
   mixing = np.zeros((length, length), np.float64)
   for out in range(length):
@@ -257,9 +256,8 @@ def ssim_matlab(restored: jnp.ndarray, target: jnp.ndarray, data_range: float = 
   cov_xy = e_xy - mu_xc * mu_yc
   mu_x, mu_y = mu_xc + x_mean, mu_yc + y_mean
   c1, c2 = _K1**2, _K2**2
-  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-    (mu_x * mu_x + mu_y * mu_y + c1) * (var_x + var_y + c2)
-  )
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / ((mu_x * mu_x + mu_y * mu_y + c1) *
+                                                             (var_x + var_y + c2))
   return jnp.mean(ssim_map, axis=(-3, -2, -1))
 
 
@@ -301,8 +299,8 @@ def realblur_align(restored: np.ndarray, target: np.ndarray):
   criteria = (cv2.TERM_CRITERIA_EPS | cv2.TERM_CRITERIA_COUNT, _ECC_ITERATIONS, _ECC_EPS)
   _, warp = cv2.findTransformECC(cv2.cvtColor(target, cv2.COLOR_RGB2GRAY),
                                  cv2.cvtColor(scaled, cv2.COLOR_RGB2GRAY),
-                                 np.eye(3, dtype=np.float32), cv2.MOTION_HOMOGRAPHY, criteria,
-                                 None, _ECC_GAUSS_SIZE)
+                                 np.eye(3, dtype=np.float32), cv2.MOTION_HOMOGRAPHY, criteria, None,
+                                 _ECC_GAUSS_SIZE)
   size = (target.shape[1], target.shape[0])
   aligned = cv2.warpPerspective(scaled, warp, size, flags=cv2.INTER_CUBIC + cv2.WARP_INVERSE_MAP,
                                 borderMode=cv2.BORDER_REFLECT)
@@ -325,7 +323,7 @@ def realblur_masked_metrics(aligned: jnp.ndarray, target: jnp.ndarray,
   aligned = jnp.asarray(aligned, jnp.float32)
   target = jnp.asarray(target, jnp.float32)
   mask = jnp.asarray(mask, jnp.float32)
-  err = jnp.sum((target - aligned) ** 2, axis=(-3, -2, -1)) / jnp.sum(mask, axis=(-3, -2, -1))
+  err = jnp.sum((target - aligned)**2, axis=(-3, -2, -1)) / jnp.sum(mask, axis=(-3, -2, -1))
   psnr_value = 10.0 * jnp.log10(1.0 / err)
   taps = gaussian_taps()
   pad = (taps.shape[0] - 1) // 2

@@ -43,7 +43,6 @@ PRESETS = {
     'deraining': MPRNetConfig(n_feat=40, scale_unetfeats=20, scale_orsnetfeats=16),
 }
 
-
 # Compute dtypes by name. Each is a real dtype (never None), so "compute in float32" can be
 # told apart from "leave the model as it is".
 COMPUTE_DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -98,14 +97,14 @@ def split_columns(x: jax.Array) -> jax.Array:
 
   Applied after split_rows, the batch holds [top-left, top-right, bottom-left, bottom-right]."""
   m, h, w, c = x.shape
-  blocks = x.reshape(2, m // 2, h, 2, w // 2, c)           # (row, n, h, column, w/2, c)
+  blocks = x.reshape(2, m // 2, h, 2, w // 2, c)  # (row, n, h, column, w/2, c)
   return blocks.transpose(0, 3, 1, 2, 4, 5).reshape(2 * m, h, w // 2, c)
 
 
 def merge_columns(x: jax.Array) -> jax.Array:
   """Inverse of split_columns: (2M, h, w, C) -> (M, h, 2w, C)."""
   m2, h, w, c = x.shape
-  blocks = x.reshape(2, 2, m2 // 4, h, w, c)               # (row, column, n, h, w, c)
+  blocks = x.reshape(2, 2, m2 // 4, h, w, c)  # (row, column, n, h, w, c)
   return blocks.transpose(0, 2, 3, 1, 4, 5).reshape(m2 // 2, h, 2 * w, c)
 
 

@@ -19,8 +19,10 @@ class ORB(nnx.Module):
   def __init__(self, channels: int, kernel_size: int, reduction: int, act: PReLU, bias: bool,
                num_cab: int, *, dtype=None, param_dtype=jnp.float32, remat: bool | str = False,
                rngs: nnx.Rngs):
-    cabs = [CAB(channels, kernel_size, reduction, bias, act, dtype=dtype,
-                param_dtype=param_dtype, remat=remat, rngs=rngs) for _ in range(num_cab)]
+    cabs = [
+        CAB(channels, kernel_size, reduction, bias, act, dtype=dtype, param_dtype=param_dtype,
+            remat=remat, rngs=rngs) for _ in range(num_cab)
+    ]
     # The closing conv of an ORB is bias-free whatever `bias` says, as in the official model.
     tail = conv(channels, channels, kernel_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.body = nnx.List(cabs + [tail])
@@ -44,10 +46,14 @@ class ORSNet(nnx.Module):
     kwargs = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.up_enc1 = UpSample(n_feat, scale_unetfeats, **kwargs)
     self.up_dec1 = UpSample(n_feat, scale_unetfeats, **kwargs)
-    self.up_enc2 = nnx.List([UpSample(n_feat + scale_unetfeats, scale_unetfeats, **kwargs),
-                             UpSample(n_feat, scale_unetfeats, **kwargs)])
-    self.up_dec2 = nnx.List([UpSample(n_feat + scale_unetfeats, scale_unetfeats, **kwargs),
-                             UpSample(n_feat, scale_unetfeats, **kwargs)])
+    self.up_enc2 = nnx.List([
+        UpSample(n_feat + scale_unetfeats, scale_unetfeats, **kwargs),
+        UpSample(n_feat, scale_unetfeats, **kwargs)
+    ])
+    self.up_dec2 = nnx.List([
+        UpSample(n_feat + scale_unetfeats, scale_unetfeats, **kwargs),
+        UpSample(n_feat, scale_unetfeats, **kwargs)
+    ])
     for kind in ('enc', 'dec'):
       for level in (1, 2, 3):
         setattr(self, f'conv_{kind}{level}', conv(n_feat, width, 1, bias=bias, **kwargs))
@@ -58,9 +64,9 @@ class ORSNet(nnx.Module):
     x = self.orb1(x)
     x = x + self.conv_enc1(encoder_outs[0]) + self.conv_dec1(decoder_outs[0])
     x = self.orb2(x)
-    x = (x + self.conv_enc2(self.up_enc1(encoder_outs[1]))
-         + self.conv_dec2(self.up_dec1(decoder_outs[1])))
+    x = (x + self.conv_enc2(self.up_enc1(encoder_outs[1])) +
+         self.conv_dec2(self.up_dec1(decoder_outs[1])))
     x = self.orb3(x)
-    x = (x + self.conv_enc3(run_sequence(self.up_enc2, encoder_outs[2]))
-         + self.conv_dec3(run_sequence(self.up_dec2, decoder_outs[2])))
+    x = (x + self.conv_enc3(run_sequence(self.up_enc2, encoder_outs[2])) +
+         self.conv_dec3(run_sequence(self.up_dec2, decoder_outs[2])))
     return x

@@ -21,9 +21,10 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from mprnet_jax.errors import ConfigError
 
-__all__ = ['choose_parallel', 'initialize_distributed', 'is_main_process', 'make_mesh',
-           'one_device_mesh',
-           'place_batch', 'place_state', 'unplace_state']
+__all__ = [
+    'choose_parallel', 'initialize_distributed', 'is_main_process', 'make_mesh', 'one_device_mesh',
+    'place_batch', 'place_state', 'unplace_state'
+]
 
 DATA_AXIS = 'data'
 
@@ -46,8 +47,7 @@ def make_mesh(devices=None) -> Mesh:
   gradient all-reduce itself.
   """
   devices = jax.devices() if devices is None else list(devices)
-  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,),
-                       devices=devices)
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), axis_types=(AxisType.Auto,), devices=devices)
 
 
 def one_device_mesh() -> Mesh:
@@ -133,8 +133,8 @@ def place_batch(local_batch, parallel: str, mesh: Mesh | None = None):
     _check_divisible(batch_size, devices, 'local devices')
     sharding = NamedSharding(_local_mesh(), P(DATA_AXIS))
     return jax.tree.map(
-        lambda x: jax.device_put(np.asarray(x).reshape((devices, batch_size // devices)
-                                                       + x.shape[1:]), sharding),
+        lambda x: jax.device_put(
+            np.asarray(x).reshape((devices, batch_size // devices) + x.shape[1:]), sharding),
         local_batch)
   mesh = _mesh_of(parallel, mesh)
   local_devices = sum(d.process_index == jax.process_index() for d in mesh.devices.flat)

@@ -38,17 +38,19 @@ from mprnet_jax import matfiles, metrics
 from mprnet_jax.errors import DataError
 from mprnet_jax.image_io import IMAGE_SUFFIXES, ImageInfo, read_image, write_image
 
-__all__ = ['PROTOCOLS', 'FOLDER_PROTOCOLS', 'check_protocol', 'check_dataset', 'evaluate_dataset',
-           'evaluate_pairs', 'evaluate_sidd', 'restore_dnd', 'restore_batches', 'mean_row',
-           'write_csv', 'write_json', 'SIDD_NOISY', 'SIDD_GT', 'SIDD_RESULT']
+__all__ = [
+    'PROTOCOLS', 'FOLDER_PROTOCOLS', 'check_protocol', 'check_dataset', 'evaluate_dataset',
+    'evaluate_pairs', 'evaluate_sidd', 'restore_dnd', 'restore_batches', 'mean_row', 'write_csv',
+    'write_json', 'SIDD_NOISY', 'SIDD_GT', 'SIDD_RESULT'
+]
 
 PROTOCOLS = {
-  'rgb': 'RGB PSNR and per-channel Gaussian SSIM on [0, 1]',
-  'gopro': "MATLAB psnr and 3-D ssim on 8-bit RGB, as evaluate_GOPRO_HIDE.m",
-  'realblur': 'ECC-aligned masked PSNR and SSIM, as evaluate_RealBlur.py',
-  'rain': "Y channel of rgb2ycbcr, Wang's SSIM, as evaluate_PSNR_SSIM.m",
-  'sidd': 'MATLAB psnr and 3-D ssim on single [0, 1] blocks, as evaluate_SIDD.m',
-  'dnd': 'patches for the DND server (no public ground truth)',
+    'rgb': 'RGB PSNR and per-channel Gaussian SSIM on [0, 1]',
+    'gopro': "MATLAB psnr and 3-D ssim on 8-bit RGB, as evaluate_GOPRO_HIDE.m",
+    'realblur': 'ECC-aligned masked PSNR and SSIM, as evaluate_RealBlur.py',
+    'rain': "Y channel of rgb2ycbcr, Wang's SSIM, as evaluate_PSNR_SSIM.m",
+    'sidd': 'MATLAB psnr and 3-D ssim on single [0, 1] blocks, as evaluate_SIDD.m',
+    'dnd': 'patches for the DND server (no public ground truth)',
 }
 FOLDER_PROTOCOLS = ('rgb', 'gopro', 'realblur', 'rain')
 
@@ -65,6 +67,7 @@ def check_protocol(protocol: str) -> str:
 
 
 # --- scoring: one jitted function per protocol (compiled once per image size) ---
+
 
 @jax.jit
 def _score_rgb(restored, target):
@@ -92,17 +95,21 @@ def _score_realblur(restored, target):
     raise DataError(f'ECC alignment failed ({str(exc).strip().splitlines()[-1]})') from None
 
 
-_SCORERS = {'rgb': _score_rgb, 'gopro': _score_matlab, 'rain': _score_rain,
-            'realblur': _score_realblur}
+_SCORERS = {
+    'rgb': _score_rgb, 'gopro': _score_matlab, 'rain': _score_rain, 'realblur': _score_realblur
+}
 
 
 def _summary(dataset, protocol: str, per_image: list[dict]) -> dict:
-  return {'dataset': str(dataset), 'protocol': protocol, 'images': len(per_image),
-          'psnr': float(np.mean([r['psnr'] for r in per_image])),
-          'ssim': float(np.mean([r['ssim'] for r in per_image])), 'per_image': per_image}
+  return {
+      'dataset': str(dataset), 'protocol': protocol, 'images': len(per_image),
+      'psnr': float(np.mean([r['psnr'] for r in per_image])),
+      'ssim': float(np.mean([r['ssim'] for r in per_image])), 'per_image': per_image
+  }
 
 
 # --- folder protocols ---
+
 
 def _images_by_stem(folder: Path) -> dict[str, Path]:
   if not folder.is_dir():
@@ -150,8 +157,8 @@ def _pair_files(data_dir, results_dir=None) -> list[tuple[Path, Path]]:
                     f'of {data_dir}/target ({_first_names(missing, targets)})')
   extra = sorted(set(sources) - set(targets)) if results_dir is None else []
   if missing or extra:
-    shown = [f'target/{targets[n].name}' for n in missing] + [f'input/{sources[n].name}'
-                                                              for n in extra]
+    shown = [f'target/{targets[n].name}' for n in missing
+            ] + [f'input/{sources[n].name}' for n in extra]
     raise DataError(f'{len(shown)} images in {data_dir} have no partner of the same name: '
                     f'{", ".join(shown[:5])}{", ..." if len(shown) > 5 else ""}')
   return [(sources[stem], targets[stem]) for stem in sorted(targets)]
@@ -165,8 +172,8 @@ def _save_dir_is_safe(save_dir: Path, data_dir: Path, results_dir) -> None:
     raise DataError(f'{save_dir}: would overwrite the dataset; choose another --save-images')
 
 
-def evaluate_pairs(protocol: str, data_dir, *, restorer=None, results_dir=None,
-                   save_dir=None, progress: bool = True) -> dict:
+def evaluate_pairs(protocol: str, data_dir, *, restorer=None, results_dir=None, save_dir=None,
+                   progress: bool = True) -> dict:
   """Scores a folder protocol on `data_dir` (`target/`, and `input/` in weights mode).
 
   With a `restorer`, each input is restored with the official padding, rounded to 8 bits (the
@@ -210,15 +217,16 @@ def evaluate_pairs(protocol: str, data_dir, *, restorer=None, results_dir=None,
       psnr_value, ssim_value = score(np.float32(image), np.float32(target))
     except DataError as exc:
       raise DataError(f'{source}: {exc}') from None
-    per_image.append({'name': target_path.name, 'psnr': float(psnr_value),
-                      'ssim': float(ssim_value)})
+    per_image.append(
+        {'name': target_path.name, 'psnr': float(psnr_value), 'ssim': float(ssim_value)})
   return _summary(data_dir, protocol, per_image)
 
 
 # --- batched restoration (SIDD blocks, DND patches) ---
 
-def restore_batches(restorer, images: np.ndarray, batch_size: int = 8, *,
-                    progress: bool = True, desc: str = 'restore') -> np.ndarray:
+
+def restore_batches(restorer, images: np.ndarray, batch_size: int = 8, *, progress: bool = True,
+                    desc: str = 'restore') -> np.ndarray:
   """Restores float32 (N, H, W, 3) images of one size in batches -> float32, clamped to [0, 1].
 
   The batches are padded to `batch_size` by repeating the last image, so one shape compiles;
@@ -231,8 +239,10 @@ def restore_batches(restorer, images: np.ndarray, batch_size: int = 8, *,
   if batch_size < 1:
     raise DataError(f'batch size must be at least 1, got {batch_size}')
   if restorer.tile:
-    return np.stack([restorer.restore_float(image)
-                     for image in tqdm(images, desc=desc, unit='img', disable=not progress)])
+    return np.stack([
+        restorer.restore_float(image)
+        for image in tqdm(images, desc=desc, unit='img', disable=not progress)
+    ])
   height, width = images.shape[1:3]
   restored = np.empty_like(images)
   starts = range(0, len(images), batch_size)
@@ -248,6 +258,7 @@ def restore_batches(restorer, images: np.ndarray, batch_size: int = 8, *,
 
 
 # --- SIDD ---
+
 
 def _sidd_paths(data_dir) -> tuple[Path, Path]:
   data_dir = Path(data_dir)
@@ -266,8 +277,8 @@ def _score_blocks(denoised, target):
   return metrics.psnr_matlab(denoised, target, 1.0), metrics.ssim_matlab(denoised, target, 1.0)
 
 
-def evaluate_sidd(data_dir, *, restorer=None, results=None, output_dir=None,
-                  batch_size: int = 8, progress: bool = True) -> dict:
+def evaluate_sidd(data_dir, *, restorer=None, results=None, output_dir=None, batch_size: int = 8,
+                  progress: bool = True) -> dict:
   """The SIDD validation protocol on `data_dir` (the two official .mat files).
 
   Weights mode: each uint8 block / 255 (float32) is restored, clamped to [0, 1] and, with
@@ -314,6 +325,7 @@ def evaluate_sidd(data_dir, *, restorer=None, results=None, output_dir=None,
 
 
 # --- DND ---
+
 
 def _dnd_plan(data_dir) -> list[tuple[Path, np.ndarray]]:
   """(image file, (K, 4) boxes) per image, every box checked against its image's size."""
@@ -379,14 +391,18 @@ def restore_dnd(data_dir, restorer, output_dir, *, batch_size: int = 8,
     cell = np.empty((len(restored),), dtype=object)
     for i, patch in enumerate(restored):
       cell[i] = patch
-    written.append(matfiles.write_mat(output_dir / path.name,
-                                      {'Idenoised': cell, 'israw': False, 'eval_version': '1.0'}))
+    written.append(
+        matfiles.write_mat(output_dir / path.name,
+                           {'Idenoised': cell, 'israw': False, 'eval_version': '1.0'}))
     patch_count += len(patches)
-  return {'dataset': str(data_dir), 'protocol': 'dnd', 'images': len(plan),
-          'patches': patch_count, 'written': [str(p) for p in written]}
+  return {
+      'dataset': str(data_dir), 'protocol': 'dnd', 'images': len(plan), 'patches': patch_count,
+      'written': [str(p) for p in written]
+  }
 
 
 # --- one entry point, and the reports ---
+
 
 def evaluate_dataset(protocol: str, data_dir, *, restorer=None, results=None, output_dir=None,
                      save_dir=None, batch_size: int = 8, progress: bool = True) -> dict:
@@ -409,9 +425,11 @@ def evaluate_dataset(protocol: str, data_dir, *, restorer=None, results=None, ou
 def mean_row(results: list[dict]) -> dict:
   """The paper tables' average column: the mean of the datasets' mean PSNR and SSIM, and the
   number of images in all."""
-  return {'images': sum(r['images'] for r in results),
-          'psnr': float(np.mean([r['psnr'] for r in results])),
-          'ssim': float(np.mean([r['ssim'] for r in results]))}
+  return {
+      'images': sum(r['images'] for r in results),
+      'psnr': float(np.mean([r['psnr'] for r in results])),
+      'ssim': float(np.mean([r['ssim'] for r in results]))
+  }
 
 
 def write_csv(path, results: list[dict]) -> Path:
@@ -427,14 +445,18 @@ def write_csv(path, results: list[dict]) -> Path:
     for result in results:
       lead = {'dataset': result['dataset']} if several else {}
       for row in result['per_image']:
-        writer.writerow({**lead, 'name': row['name'], 'psnr': f'{row["psnr"]:.6f}',
-                         'ssim': f'{row["ssim"]:.6f}'})
-      writer.writerow({**lead, 'name': 'mean', 'psnr': f'{result["psnr"]:.6f}',
-                       'ssim': f'{result["ssim"]:.6f}'})
+        writer.writerow({
+            **lead, 'name': row['name'], 'psnr': f'{row["psnr"]:.6f}', 'ssim': f'{row["ssim"]:.6f}'
+        })
+      writer.writerow({
+          **lead, 'name': 'mean', 'psnr': f'{result["psnr"]:.6f}', 'ssim': f'{result["ssim"]:.6f}'
+      })
     if several:
       mean = mean_row(results)
-      writer.writerow({'dataset': 'all', 'name': 'mean', 'psnr': f'{mean["psnr"]:.6f}',
-                       'ssim': f'{mean["ssim"]:.6f}'})
+      writer.writerow({
+          'dataset': 'all', 'name': 'mean', 'psnr': f'{mean["psnr"]:.6f}',
+          'ssim': f'{mean["ssim"]:.6f}'
+      })
   return path
 
 

@@ -37,10 +37,10 @@ def encode_pair(example: dict[str, Any]) -> bytes:
   """{'input', 'target': uint8 (H, W, C), 'name'} -> one record (layout in module doc)."""
   inp = np.ascontiguousarray(example['input'], dtype=np.uint8)
   tgt = np.ascontiguousarray(example['target'], dtype=np.uint8)
-  header = json.dumps({'name': str(example.get('name', '')),
-                       'input': list(inp.shape), 'target': list(tgt.shape)}).encode()
-  return b''.join([_MAGIC, struct.pack('<I', len(header)), header,
-                   inp.tobytes(), tgt.tobytes()])
+  header = json.dumps(
+      {'name': str(example.get('name', '')), 'input': list(inp.shape),
+       'target': list(tgt.shape)}).encode()
+  return b''.join([_MAGIC, struct.pack('<I', len(header)), header, inp.tobytes(), tgt.tobytes()])
 
 
 def decode_pair(record: bytes) -> dict[str, Any]:
@@ -61,8 +61,10 @@ def decode_pair(record: bytes) -> dict[str, Any]:
 
 def shard_paths(directory: str, prefix: str, num_shards: int) -> list[str]:
   """The file names `write_shards` uses: <prefix>.array_record-0000k-of-0000n."""
-  return [os.path.join(directory, f'{prefix}.array_record-{k:05d}-of-{num_shards:05d}')
-          for k in range(num_shards)]
+  return [
+      os.path.join(directory, f'{prefix}.array_record-{k:05d}-of-{num_shards:05d}')
+      for k in range(num_shards)
+  ]
 
 
 def write_shards(

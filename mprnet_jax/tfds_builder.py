@@ -17,7 +17,8 @@ import numpy as np
 from mprnet_jax.data import PairedFolderSource
 from mprnet_jax.errors import DataError
 
-__all__ = ['PairedFolderBuilder', 'TfdsSource']  # noqa: F822 (PairedFolderBuilder: module __getattr__)
+# PairedFolderBuilder is made on first use, by the module's __getattr__.
+__all__ = ['PairedFolderBuilder', 'TfdsSource']  # noqa: F822
 
 
 class TfdsSource:
@@ -38,8 +39,10 @@ class TfdsSource:
   def __getitem__(self, index: int) -> dict[str, Any]:
     example = self._source[index]
     name = example['name']
-    return {'input': example['input'], 'target': example['target'],
-            'name': name.decode() if isinstance(name, bytes) else str(name)}
+    return {
+        'input': example['input'], 'target': example['target'],
+        'name': name.decode() if isinstance(name, bytes) else str(name)
+    }
 
 
 @functools.cache
@@ -65,11 +68,10 @@ def _paired_folder_builder() -> type:
       super().__init__(**kwargs)
 
     def _info(self):
-      image = functools.partial(tfds.features.Tensor, shape=(None, None, 3),
-                                dtype=np.uint8, encoding='bytes')
+      image = functools.partial(tfds.features.Tensor, shape=(None, None, 3), dtype=np.uint8,
+                                encoding='bytes')
       return tfds.core.DatasetInfo(
-          builder=self,
-          description='Paired degraded/clean images, stored decoded (uint8 HxWx3).',
+          builder=self, description='Paired degraded/clean images, stored decoded (uint8 HxWx3).',
           features=tfds.features.FeaturesDict(
               {'input': image(), 'target': image(), 'name': tfds.features.Text()}))
 
@@ -77,8 +79,7 @@ def _paired_folder_builder() -> type:
       del dl_manager  # local folders only
       if not self._split_roots:
         raise DataError('PairedFolderBuilder needs splits={split_name: folder}')
-      return {split: self._generate_examples(root)
-              for split, root in self._split_roots.items()}
+      return {split: self._generate_examples(root) for split, root in self._split_roots.items()}
 
     def _generate_examples(self, root):
       source = PairedFolderSource(root)

@@ -89,16 +89,16 @@ def blend_window(size: int, overlap: int, at_start: bool, at_end: bool) -> np.nd
 
 def _batches(items: list, size: int) -> Iterator[list]:
   for begin in range(0, len(items), size):
-    yield items[begin : begin + size]
+    yield items[begin:begin + size]
 
 
 def restore_tiled(
-  apply_fn: ApplyFn,
-  image,
-  tile: int,
-  overlap: int,
-  multiple: int = 8,
-  batch_tiles: int = 4,
+    apply_fn: ApplyFn,
+    image,
+    tile: int,
+    overlap: int,
+    multiple: int = 8,
+    batch_tiles: int = 4,
 ) -> np.ndarray:
   """Restore one (H, W, C) image tile by tile -> (H, W, C) float32.
 
@@ -130,21 +130,21 @@ def restore_tiled(
   tile_h, tile_w = min(tile, padded_h), min(tile, padded_w)
   rows, cols = tile_starts(padded_h, tile_h, overlap), tile_starts(padded_w, tile_w, overlap)
   row_weights = {
-    top: blend_window(tile_h, overlap, top == 0, top + tile_h == padded_h) for top in rows
+      top: blend_window(tile_h, overlap, top == 0, top + tile_h == padded_h) for top in rows
   }
   col_weights = {
-    left: blend_window(tile_w, overlap, left == 0, left + tile_w == padded_w) for left in cols
+      left: blend_window(tile_w, overlap, left == 0, left + tile_w == padded_w) for left in cols
   }
   # Accumulate on the host: the point of tiling is an image too large for the device.
   total = np.zeros((padded_h, padded_w, channels), np.float32)
   weight_sum = np.zeros((padded_h, padded_w, 1), np.float32)
   positions = [(top, left) for top in rows for left in cols]
   for batch in _batches(positions, batch_tiles):
-    tiles = [padded[top : top + tile_h, left : left + tile_w] for top, left in batch]
+    tiles = [padded[top:top + tile_h, left:left + tile_w] for top, left in batch]
     tiles += [tiles[-1]] * (batch_tiles - len(tiles))
     outputs = np.asarray(apply_fn(jnp.stack(tiles)), dtype=np.float32)
     for (top, left), output in zip(batch, outputs):
       weights = np.outer(row_weights[top], col_weights[left])[:, :, None]
-      total[top : top + tile_h, left : left + tile_w] += weights * output
-      weight_sum[top : top + tile_h, left : left + tile_w] += weights
+      total[top:top + tile_h, left:left + tile_w] += weights * output
+      weight_sum[top:top + tile_h, left:left + tile_w] += weights
   return (total / weight_sum)[:height, :width]

@@ -41,10 +41,8 @@ except ImportError:  # pragma: no cover
 
 __all__ = ["CheckpointError", "load_pth", "save_pth"]
 
-
 from mprnet_jax.errors import CheckpointError  # noqa: E402  (re-exported here, as before)
 from mprnet_jax.files import atomic_output, require_regular_file  # noqa: E402
-
 
 # Storage class names and dtype names -> numpy dtype. None = unsupported here.
 _STORAGES = {
@@ -270,8 +268,10 @@ def _materialise(obj, arrays, name):
     one is allocated."""
   seen = {}
   storage_bytes = sum(a.nbytes for a in arrays.values())
-  budget = {"left": 2 * storage_bytes + _TENSOR_SLACK_BYTES,
-            "limit": 2 * storage_bytes + _TENSOR_SLACK_BYTES}
+  budget = {
+      "left": 2 * storage_bytes + _TENSOR_SLACK_BYTES,
+      "limit": 2 * storage_bytes + _TENSOR_SLACK_BYTES
+  }
 
   def walk(x):
     if id(x) in seen:
@@ -327,8 +327,7 @@ def _tensor(t, storage, name, budget):
   if count == 0:
     return np.zeros(t.size, native)
   # Bounds were checked above, so as_strided never reads outside the storage's buffer.
-  view = np.lib.stride_tricks.as_strided(s[t.offset:],
-                                         t.size, [st * s.itemsize for st in t.stride],
+  view = np.lib.stride_tricks.as_strided(s[t.offset:], t.size, [st * s.itemsize for st in t.stride],
                                          writeable=False)
   return np.array(view, dtype=native, order="C")  # one copy (ascontiguousarray makes 0-d 1-d)
 

@@ -62,7 +62,8 @@ def image_grid(degraded: np.ndarray, restored: np.ndarray, clean: np.ndarray,
 
 
 def _series(records: Sequence[Mapping], split: str, key: str) -> tuple[list, list]:
-  points = [(r['step'], r[key]) for r in records
+  points = [(r['step'], r[key])
+            for r in records
             if r.get('split') == split and key in r and math.isfinite(r[key])]
   return [p[0] for p in points], [p[1] for p in points]
 

@@ -37,8 +37,10 @@ from mprnet_jax.layers import normalize_remat
 from mprnet_jax.optim import learning_rate_schedule
 from mprnet_jax.parallel import DATA_AXIS, one_device_mesh
 
-__all__ = ['TrainState', 'check_nonfinite', 'compute_dtype', 'create_train_state',
-           'make_eval_step', 'make_train_step']
+__all__ = [
+    'TrainState', 'check_nonfinite', 'compute_dtype', 'create_train_state', 'make_eval_step',
+    'make_train_step'
+]
 
 PARALLEL_MODES = ('none', 'mesh', 'pmap')
 
@@ -83,8 +85,8 @@ def _remat(config) -> str:
 def _graphdef_for(model_config: MPRNetConfig, config) -> tuple[nnx.GraphDef, Any]:
   """GraphDef (and abstract params) of an MPRNet of these sizes with the config's compute
   dtype and remat; built abstractly (no arrays allocated)."""
-  abstract = nnx.eval_shape(lambda: MPRNet(**model_config.to_dict(), dtype=compute_dtype(config),
-                                           remat=_remat(config)))
+  abstract = nnx.eval_shape(
+      lambda: MPRNet(**model_config.to_dict(), dtype=compute_dtype(config), remat=_remat(config)))
   return nnx.split(abstract, nnx.Param)
 
 
@@ -107,8 +109,8 @@ def create_train_state(model: MPRNet | None, config, steps_per_epoch: int,
                      'parameters (build it with param_dtype=float32)')
   tx = build_optimizer(config, steps_per_epoch)
   zero = jnp.zeros((), jnp.int32)
-  state = TrainState(step=zero, params=params, opt_state=tx.init(params),
-                     rng=jax.random.key(seed), nonfinite=zero, skipped_total=zero)
+  state = TrainState(step=zero, params=params, opt_state=tx.init(params), rng=jax.random.key(seed),
+                     nonfinite=zero, skipped_total=zero)
   # Every leaf its own buffer: the step donates the state, and a buffer shared between leaves
   # (or with the caller's model) cannot be donated twice.
   return graphdef, jax.tree.map(jnp.copy, state)
@@ -121,8 +123,8 @@ def _check_parallel(parallel: str, mesh) -> None:
     raise ValueError("parallel='mesh' needs a mesh (mprnet_jax.parallel.make_mesh())")
 
 
-def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
-                    parallel: str = 'none', mesh=None):
+def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *, parallel: str = 'none',
+                    mesh=None):
   """The jitted training step `step_fn(state, batch, rng=None) -> (state, metrics)`.
 
   batch: {'input', 'target'}, float32 (B, H, W, 3), placed by `parallel.place_batch` (for
@@ -179,12 +181,10 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
       return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
 
     skipped = (~ok).astype(jnp.int32)
-    new_state = state.replace(
-        step=state.step + 1,
-        params=keep_if_ok(params, state.params),
-        opt_state=keep_if_ok(opt_state, state.opt_state),
-        nonfinite=jnp.where(ok, 0, state.nonfinite + 1).astype(jnp.int32),
-        skipped_total=state.skipped_total + skipped)
+    new_state = state.replace(step=state.step + 1, params=keep_if_ok(params, state.params),
+                              opt_state=keep_if_ok(opt_state, state.opt_state),
+                              nonfinite=jnp.where(ok, 0, state.nonfinite + 1).astype(jnp.int32),
+                              skipped_total=state.skipped_total + skipped)
     metrics = {k: v.astype(jnp.float32) for k, v in terms.items()}
     metrics['lr'] = jnp.asarray(schedule(state.step - state.skipped_total), jnp.float32)
     metrics['grad_norm'] = jnp.linalg.norm(flat_grads).astype(jnp.float32)
@@ -196,8 +196,9 @@ def make_train_step(graphdef: nnx.GraphDef, config, steps_per_epoch: int, *,
   # 'none' is the mesh of one device: one code path for both.
   mesh = mesh if parallel == 'mesh' else one_device_mesh()
   replicated, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(DATA_AXIS))
-  return TrainStep(jax.jit(step, in_shardings=(replicated, data, replicated),
-                           out_shardings=(replicated, replicated), donate_argnums=(0,)))
+  return TrainStep(
+      jax.jit(step, in_shardings=(replicated, data, replicated),
+              out_shardings=(replicated, replicated), donate_argnums=(0,)))
 
 
 class TrainStep:

@@ -41,7 +41,6 @@ from mprnet_jax.train_logging import MetricsLogger
 
 __all__ = ['train', 'NonFiniteTraining', 'quiet_xla_logs']
 
-
 # Lines XLA's GPU autotuner logs by the hundred at LOG(ERROR) during the first compile, harmless
 # (its timer's calibration kernel was late; the chosen kernels are as good). LOG(ERROR) cannot
 # be silenced by TF_CPP_MIN_LOG_LEVEL without silencing every real error, hence a line filter.
@@ -159,8 +158,8 @@ def _validate(eval_fn, params, batches) -> tuple[float, float, tuple]:
 def _same_size(images: list[np.ndarray]) -> np.ndarray:
   h = min(im.shape[0] for im in images)
   w = min(im.shape[1] for im in images)
-  return np.stack([im[(im.shape[0] - h) // 2:][:h, (im.shape[1] - w) // 2:][:, :w]
-                   for im in images])
+  return np.stack(
+      [im[(im.shape[0] - h) // 2:][:h, (im.shape[1] - w) // 2:][:, :w] for im in images])
 
 
 def _enable_compilation_cache() -> None:
@@ -205,10 +204,11 @@ def _train(config, workdir: str, start_time: float) -> dict:
     raise ValueError(f'{len(train_source)} training examples make no batch of {local_batch} '
                      f'per process')
   total_steps = config.num_steps or config.num_epochs * steps_per_epoch
-  loader = data_lib.make_train_loader(
-      train_source, batch_size=local_batch, patch_size=config.data.patch_size, seed=config.seed,
-      num_workers=config.data.num_workers, shard_index=jax.process_index(),
-      shard_count=processes, augment=config.data.augment)
+  loader = data_lib.make_train_loader(train_source, batch_size=local_batch,
+                                      patch_size=config.data.patch_size, seed=config.seed,
+                                      num_workers=config.data.num_workers,
+                                      shard_index=jax.process_index(), shard_count=processes,
+                                      augment=config.data.augment)
   iterator = iter(loader)
   val_batches = data_lib.make_eval_batches(val_source, config.data.val_patch_size or None,
                                            config.data.val_batch_size)
@@ -256,15 +256,17 @@ def _train(config, workdir: str, start_time: float) -> dict:
   def validate(step):
     params = parallel_lib.unplace_state(state, parallel).params
     value, degraded, grid = _validate(eval_fn, params, val_batches)
-    logger.write(step, 'val', {'psnr': value, 'psnr_degraded': degraded,
-                               'psnr_gain': value - degraded})
+    logger.write(step, 'val',
+                 {'psnr': value, 'psnr_degraded': degraded, 'psnr_gain': value - degraded})
     logger.write_images(step, *grid)
     say(f'step {step}: validation PSNR {value:.2f} dB (degraded inputs {degraded:.2f} dB, '
         f'gain {value - degraded:+.2f} dB) on {sum(len(b["input"]) for b in val_batches)} images')
     return value, degraded
 
-  result = {'step': start_step, 'loss': float('nan'), 'psnr': None, 'psnr_degraded': None,
-            'resumed_from': resumed_from, 'interrupted': False}
+  result = {
+      'step': start_step, 'loss': float('nan'), 'psnr': None, 'psnr_degraded': None,
+      'resumed_from': resumed_from, 'interrupted': False
+  }
   progress = _progress_bar(main, start_step, total_steps)
   say = progress.write if main else say  # prints that keep the bar intact
   window_start, window_images = time.time(), 0
@@ -322,8 +324,9 @@ def _train(config, workdir: str, start_time: float) -> dict:
     # an uncommitted one, so nothing half-written is ever resumed from.
     hard_interrupt = True
     if main and checkpointer.saving:
-      print(f'interrupted again: not waiting for the checkpoint of step {step}; the next run '
-            'resumes from the last complete checkpoint', file=sys.stderr)
+      print(
+          f'interrupted again: not waiting for the checkpoint of step {step}; the next run '
+          'resumes from the last complete checkpoint', file=sys.stderr)
     raise
   finally:
     progress.close()

@@ -50,8 +50,8 @@ class Encoder(nnx.Module):
       x = run_sequence(cabs, x)
       if fuse:
         level = index + 1
-        x = (x + getattr(self, f'csff_enc{level}')(encoder_outs[index])
-             + getattr(self, f'csff_dec{level}')(decoder_outs[index]))
+        x = (x + getattr(self, f'csff_enc{level}')(encoder_outs[index]) +
+             getattr(self, f'csff_dec{level}')(decoder_outs[index]))
       outs.append(x)
       if index < 2:
         x = downs[index](x)

@@ -36,8 +36,9 @@ def save_weights(model: MPRNet, path: str | os.PathLike, *, task: str | None = N
   if path.exists() and not overwrite:
     raise FileExistsError(f'{path}: already exists (pass overwrite=True to replace it)')
   check_task(model.config, task, str(path))
-  tensors = {k: np.ascontiguousarray(v, dtype=np.float32)
-             for k, v in to_pytorch_state_dict(model).items()}
+  tensors = {
+      k: np.ascontiguousarray(v, dtype=np.float32) for k, v in to_pytorch_state_dict(model).items()
+  }
   metadata = {'format': FORMAT, 'config': json.dumps(model.config.to_dict())}
   if task:
     metadata['task'] = task

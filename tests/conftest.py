@@ -11,7 +11,8 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update('jax_num_cpu_devices', 8)
-CACHE = Path(os.environ.get('MPRNET_TEST_CACHE', Path(__file__).resolve().parents[1] / '.jax_cache'))
+CACHE = Path(os.environ.get('MPRNET_TEST_CACHE',
+                            Path(__file__).resolve().parents[1] / '.jax_cache'))
 jax.config.update('jax_compilation_cache_dir', str(CACHE))
 jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 

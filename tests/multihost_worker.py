@@ -48,8 +48,7 @@ def tiny_state(config):
 
   from mprnet_jax.model import MPRNet
   from mprnet_jax.train_step import create_train_state
-  model = MPRNet(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=1,
-                 rngs=nnx.Rngs(0))
+  model = MPRNet(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=1, rngs=nnx.Rngs(0))
   return create_train_state(model, config, STEPS_PER_EPOCH, seed=0)
 
 
@@ -75,8 +74,10 @@ def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS):
     state, metrics = step_fn(state, batch)
     losses.append(float(np.asarray(metrics['loss'].addressable_data(0))))
   params = unplace_state(state, parallel).params
-  flat = {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  flat = {
+      jax.tree_util.keystr(path): np.asarray(leaf)
+      for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+  }
   return losses, flat
 
 
@@ -113,15 +114,19 @@ def main() -> None:
   assert jax.device_count() == args.num_processes * args.devices_per_process
 
   share = GLOBAL_BATCH // args.num_processes
-  local = {k: v[args.process_id * share:(args.process_id + 1) * share]
-           for k, v in tiny_batch().items()}
+  local = {
+      k: v[args.process_id * share:(args.process_id + 1) * share] for k, v in tiny_batch().items()
+  }
   losses, flat = train(tiny_config('adam'), local, 'mesh', make_mesh())
   if is_main_process():
     os.makedirs(args.out, exist_ok=True)
     np.savez(os.path.join(args.out, 'params.npz'), **flat)
     with open(os.path.join(args.out, 'result.json'), 'w') as f:
-      json.dump({'losses': losses, 'checksum': checksum(flat),
-                 'process_count': jax.process_count(), 'device_count': jax.device_count()}, f)
+      json.dump(
+          {
+              'losses': losses, 'checksum': checksum(flat), 'process_count': jax.process_count(),
+              'device_count': jax.device_count()
+          }, f)
   jax.distributed.shutdown()
 
 

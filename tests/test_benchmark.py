@@ -35,8 +35,8 @@ def test_compile_only_reports_xla_buffers_without_running(capsys):
 def test_suite_runs_each_row_in_its_own_process_with_its_flags(tmp_path, monkeypatch):
   from mprnet_jax import benchmark
 
-  row = dict(mode='inference', dtype='float32', batch=1, size='32', remat='none',
-             fresh_cache=True, xla_flags='--xla_cpu_enable_fast_math=false')
+  row = dict(mode='inference', dtype='float32', batch=1, size='32', remat='none', fresh_cache=True,
+             xla_flags='--xla_cpu_enable_fast_math=false')
   monkeypatch.setitem(benchmark.SUITES, 'levers', (row,))
   out = tmp_path / 'levers.jsonl'
   results = benchmark.run_suite(str(out), cache_dir=str(tmp_path / 'cache'), smoke=True,

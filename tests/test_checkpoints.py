@@ -32,10 +32,10 @@ def test_layout_fingerprint_reads_key_paths_not_the_printed_tree():
   assert checkpoints._legacy_state_layout(old) != checkpoints._legacy_state_layout(new)
   assert state_layout(old) == state_layout(new)
   # What does change the layout is still seen: a shape, a dtype, a key.
-  assert state_layout(old) != state_layout({'opt': old_name(leaves[0], jnp.zeros((3, 5)),
-                                                             leaves[2])})
-  assert state_layout(old) != state_layout({'opt': old_name(leaves[0], leaves[1],
-                                                             jnp.zeros((3, 4), jnp.bfloat16))})
+  assert state_layout(old) != state_layout(
+      {'opt': old_name(leaves[0], jnp.zeros((3, 5)), leaves[2])})
+  assert state_layout(old) != state_layout(
+      {'opt': old_name(leaves[0], leaves[1], jnp.zeros((3, 4), jnp.bfloat16))})
   assert state_layout(old) != state_layout({'optimiser': old_name(*leaves)})
 
 
@@ -80,6 +80,7 @@ def test_stale_lock_is_taken_over_and_released(tmp_path):
 
 
 def test_curves_leave_no_partial_picture_when_the_write_fails(tmp_path, monkeypatch):
+
   def disk_full(panels, path):
     Path(path).write_bytes(b'\x89PNG half')
     raise OSError(28, 'No space left on device')
@@ -92,15 +93,14 @@ def test_curves_leave_no_partial_picture_when_the_write_fails(tmp_path, monkeypa
 
 
 def test_xla_autotuner_noise_is_filtered_and_errors_kept(tmp_path):
-  script = (
-      'import os, sys\n'
-      'from mprnet_jax.trainer import quiet_xla_logs\n'
-      'quiet_xla_logs()\n'
-      "noise = b'E1201 12:00:00.000000 1 cuda_timer.cc:86] Delay kernel timed out: measured "
-      "time has sub-optimal accuracy.\\n'\n"
-      'os.write(2, noise * 200)\n'
-      "os.write(2, b'E1201 12:00:01.000000 1 gpu_compiler.cc:1] a real error\\n')\n"
-      "print('from python', file=sys.stderr)\n")
+  script = ('import os, sys\n'
+            'from mprnet_jax.trainer import quiet_xla_logs\n'
+            'quiet_xla_logs()\n'
+            "noise = b'E1201 12:00:00.000000 1 cuda_timer.cc:86] Delay kernel timed out: measured "
+            "time has sub-optimal accuracy.\\n'\n"
+            'os.write(2, noise * 200)\n'
+            "os.write(2, b'E1201 12:00:01.000000 1 gpu_compiler.cc:1] a real error\\n')\n"
+            "print('from python', file=sys.stderr)\n")
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
   env.pop('MPRNET_XLA_LOGS', None)
   done = subprocess.run([sys.executable, '-c', script], env=env, capture_output=True, text=True,

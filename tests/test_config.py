@@ -55,8 +55,9 @@ def test_explicit_sizes_need_all_four_without_a_preset():
   config = base.get_config()
   config.model.task_preset = ''
   config.model.n_feat = 16
-  with pytest.raises(ConfigError, match=r"task_preset='' needs all four sizes; not set: "
-                                        r'config.model.scale_unetfeats'):
+  with pytest.raises(
+      ConfigError, match=r"task_preset='' needs all four sizes; not set: "
+      r'config.model.scale_unetfeats'):
     validate_config(config)
   # With a preset, a single size overrides just that size.
   config.model.task_preset = 'denoising'
@@ -75,22 +76,27 @@ def test_the_packaged_configs_validate_and_build():
 
 def test_cli_train_refuses_a_bad_value_in_one_line_before_touching_the_workdir(tmp_path, capsys):
   workdir = tmp_path / 'run'
-  assert main(['train', '--config', str(SMOKE), '--workdir', str(workdir),
-               '--config.optim.lr=-1e-3']) == 2
+  assert main(
+      ['train', '--config',
+       str(SMOKE), '--workdir',
+       str(workdir), '--config.optim.lr=-1e-3']) == 2
   err = capsys.readouterr().err.strip()
   assert err == 'mprnet train: error: config.optim.lr must be > 0, got -0.001'
   assert not workdir.exists()
 
 
-@pytest.mark.skipif(os.environ.get('MPRNET_SKIP_WHEEL_TEST') == '1',
-                    reason='MPRNET_SKIP_WHEEL_TEST=1')
+@pytest.mark.skipif(
+    os.environ.get('MPRNET_SKIP_WHEEL_TEST') == '1', reason='MPRNET_SKIP_WHEEL_TEST=1')
 def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
   """Build the wheel, install it (without its dependencies, which this environment already
   has) into a fresh venv outside the checkout, and train from there: the demo needs no file of
   the checkout, and `--config experiments/smoke.py` works with the installed package."""
   wheels = tmp_path / 'wheels'
-  subprocess.run([sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation',
-                  '-q', '-w', str(wheels), str(ROOT)], check=True, capture_output=True)
+  subprocess.run([
+      sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
+      str(wheels),
+      str(ROOT)
+  ], check=True, capture_output=True)
   wheel, = wheels.glob('mprnet_jax-*.whl')
   venv = tmp_path / 'venv'
   subprocess.run([sys.executable, '-m', 'venv', '--without-pip', str(venv)], check=True)
@@ -98,8 +104,11 @@ def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
   # The dependencies come from this environment's site-packages, after the venv's own.
   deps = [p for p in sys.path if p.endswith('site-packages')]
   (site / 'deps.pth').write_text('\n'.join(deps) + '\n')
-  subprocess.run([sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target',
-                  str(site), str(wheel)], check=True, capture_output=True)
+  subprocess.run([
+      sys.executable, '-m', 'pip', 'install', '--no-deps', '-q', '--target',
+      str(site),
+      str(wheel)
+  ], check=True, capture_output=True)
   python = venv / 'bin' / 'python'
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
   # The suite's compilation cache: the smoke step is the one tests/test_trainer.py compiles.
@@ -110,18 +119,35 @@ def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
                            cwd=outside, env=env, check=True, capture_output=True, text=True)
   assert str(site) in located.stdout  # the installed copy, not the checkout
   demo = subprocess.run(
-      [str(python), '-m', 'mprnet_jax.cli', 'train', '--workdir', str(tmp_path / 'demo'),
-       # The packaged demo, shrunk: what matters here is that the wheel finds its config.
-       '--config.num_steps=2', '--config.eval_every=2', '--config.batch_size=2',
-       '--config.model.n_feat=8', '--config.model.scale_unetfeats=4',
-       '--config.model.scale_orsnetfeats=4', '--config.data.patch_size=32',
-       '--config.data.val_patch_size=32', '--config.data.max_val_images=1'],
-      cwd=outside, env=env, capture_output=True, text=True, timeout=600)
+      [
+          str(python),
+          '-m',
+          'mprnet_jax.cli',
+          'train',
+          '--workdir',
+          str(tmp_path / 'demo'),
+          # The packaged demo, shrunk: what matters here is that the wheel finds its config.
+          '--config.num_steps=2',
+          '--config.eval_every=2',
+          '--config.batch_size=2',
+          '--config.model.n_feat=8',
+          '--config.model.scale_unetfeats=4',
+          '--config.model.scale_orsnetfeats=4',
+          '--config.data.patch_size=32',
+          '--config.data.val_patch_size=32',
+          '--config.data.max_val_images=1'
+      ],
+      cwd=outside,
+      env=env,
+      capture_output=True,
+      text=True,
+      timeout=600)
   assert demo.returncode == 0, demo.stderr[-2000:]
   assert '"step": 2' in demo.stdout
-  smoke = subprocess.run(
-      [str(python), '-m', 'mprnet_jax.cli', 'train', '--config', str(SMOKE), '--workdir',
-       str(tmp_path / 'smoke'), '--config.num_steps=2'],
-      cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+  smoke = subprocess.run([
+      str(python), '-m', 'mprnet_jax.cli', 'train', '--config',
+      str(SMOKE), '--workdir',
+      str(tmp_path / 'smoke'), '--config.num_steps=2'
+  ], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
   assert smoke.returncode == 0, smoke.stderr[-2000:]
   assert '"step": 2' in smoke.stdout

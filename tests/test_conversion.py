@@ -57,8 +57,8 @@ def test_forward_matches_official_float64(name):
 def test_losses_match_official(case):
   ref = np.load(FIXTURES / 'losses.npz')
   x, y = nhwc(ref[f'case{case}/x']), nhwc(ref[f'case{case}/y'])
-  np.testing.assert_allclose(jax.jit(losses.charbonnier)(x, y), ref[f'case{case}/charbonnier'],
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      jax.jit(losses.charbonnier)(x, y), ref[f'case{case}/charbonnier'], rtol=1e-5)
   np.testing.assert_allclose(jax.jit(losses.edge_loss)(x, y), ref[f'case{case}/edge'], rtol=1e-5)
   lap = nchw(jax.jit(losses.laplacian)(x))
   expected = ref[f'case{case}/laplacian_x']
@@ -123,9 +123,9 @@ def test_sizes_are_inferred_and_checked_against_task(tiny_state):
 
 def test_mismatches_are_listed_in_one_error(tiny_state):
   state = dict(tiny_state)
-  state['tail.weight'] = np.zeros((3, 24, 5, 5), np.float32)   # wrong shape
-  del state['sam12.conv1.weight']                               # missing
-  state['extra.weight'] = np.zeros(3, np.float32)               # unexpected
+  state['tail.weight'] = np.zeros((3, 24, 5, 5), np.float32)  # wrong shape
+  del state['sam12.conv1.weight']  # missing
+  state['extra.weight'] = np.zeros(3, np.float32)  # unexpected
   with pytest.raises(CheckpointError) as error:
     from_pytorch(state)
   message = str(error.value)
@@ -161,6 +161,7 @@ def test_code_in_a_checkpoint_never_runs(tmp_path):
   marker = tmp_path / 'pwned'
 
   class Payload:
+
     def __reduce__(self):
       return (os.system, (f'touch {marker}',))
 
@@ -239,8 +240,10 @@ def test_export_keeps_the_recorded_task(tmp_path, capsys):
   from mprnet_jax.model import PRESETS
   model = nnx.eval_shape(lambda: MPRNet(**PRESETS['denoising'].to_dict()))
   # Constant weights of the denoising sizes: the task is what is under test, not the values.
-  state = {key: np.full(param.get_value().shape, 0.01, np.float32)
-           for key, param in iter_torch_params(model)}
+  state = {
+      key: np.full(param.get_value().shape, 0.01, np.float32)
+      for key, param in iter_torch_params(model)
+  }
   state = {key: (v.transpose(3, 2, 0, 1).copy() if v.ndim == 4 else v) for key, v in state.items()}
   source = tmp_path / 'denoise.safetensors'
   save_file(state, str(source), metadata={'format': 'mprnet-jax/1', 'task': 'denoising'})

@@ -28,8 +28,9 @@ class _ArraySource:
 
   def __init__(self, n, size=12):
     yy, xx = np.mgrid[:size, :size]
-    self.items = [np.stack([np.full_like(yy, i), yy * 4, xx * 4], -1).astype(np.uint8)
-                  for i in range(n)]
+    self.items = [
+        np.stack([np.full_like(yy, i), yy * 4, xx * 4], -1).astype(np.uint8) for i in range(n)
+    ]
 
   def __len__(self):
     return len(self.items)
@@ -39,6 +40,7 @@ class _ArraySource:
 
 
 # ---------------------------------------------------------------- paired folders
+
 
 def test_paired_folder_matches_by_name(tmp_path):
   _write_pair_folder(tmp_path, [(10, 12), (9, 9), (16, 8)])
@@ -78,6 +80,7 @@ def test_paired_folder_size_mismatch(tmp_path):
 
 
 # ---------------------------------------------------------------- augmentations
+
 
 def test_crops_are_aligned_and_padded():
   rng = np.random.default_rng(0)
@@ -140,6 +143,7 @@ def test_center_crop_and_multiple_of_8():
 
 # ---------------------------------------------------------------- MixUp
 
+
 def test_mixup_convex_and_shared_weights():
   key = jax.random.key(0)
   inputs = jax.random.uniform(key, (6, 3, 3, 3))
@@ -157,6 +161,7 @@ def test_mixup_convex_and_shared_weights():
 
 # ---------------------------------------------------------------- loaders
 
+
 def _take(iterator, n):
   return [next(iterator) for _ in range(n)]
 
@@ -170,8 +175,8 @@ def _assert_same(batches_a, batches_b):
 def test_loader_batches_deterministic_and_aligned():
   source = _ArraySource(10)
   # 'plain': saturation clips the dark pixels of this source, breaking target = input + 7.
-  make = lambda seed: iter(data.make_train_loader(source, batch_size=4, patch_size=8, seed=seed,
-                                                  augment='plain'))
+  make = lambda seed: iter(
+      data.make_train_loader(source, batch_size=4, patch_size=8, seed=seed, augment='plain'))
   first, again, other = _take(make(0), 4), _take(make(0), 4), _take(make(1), 4)
   _assert_same(first, again)
   assert not np.array_equal(first[0]['input'], other[0]['input'])
@@ -196,9 +201,8 @@ def test_loader_shards_disjoint_and_cover_one_epoch():
   source = _ArraySource(12)
 
   def epoch_ids(index):
-    loader = data.make_train_loader(source, batch_size=2, patch_size=12, seed=0,
-                                    shard_index=index, shard_count=2, num_epochs=1,
-                                    augment='plain')
+    loader = data.make_train_loader(source, batch_size=2, patch_size=12, seed=0, shard_index=index,
+                                    shard_count=2, num_epochs=1, augment='plain')
     # Channel 0 of every pixel is the example number (flips and crops keep it).
     return [int(round(b['input'][j, 0, 0, 0] * 255)) for b in loader for j in range(2)]
 
@@ -210,8 +214,8 @@ def test_loader_workers_match_in_process():
   source = _ArraySource(8)
   batches = {}
   for workers in (0, 2):
-    iterator = iter(data.make_train_loader(source, batch_size=2, patch_size=8, seed=3,
-                                           num_workers=workers))
+    iterator = iter(
+        data.make_train_loader(source, batch_size=2, patch_size=8, seed=3, num_workers=workers))
     batches[workers] = _take(iterator, 6)
     if workers:
       iterator.close()
@@ -243,6 +247,7 @@ def test_eval_batches():
 
 
 # ---------------------------------------------------------------- synthetic and shards
+
 
 def test_synthetic_noise_sigma_and_determinism():
   gray = {'gray': np.full((64, 64, 3), 128, np.uint8)}
@@ -296,7 +301,7 @@ def test_tfds_builder_round_trip_without_tensorflow(tmp_path):
   _write_pair_folder(tmp_path / 'set', [(10, 12), (9, 9), (7, 11)])
   reference = data.PairedFolderSource(str(tmp_path / 'set'))
   builder = tfds_builder.PairedFolderBuilder(splits={'train': str(tmp_path / 'set')},
-                                       data_dir=str(tmp_path / 'tfds'))
+                                             data_dir=str(tmp_path / 'tfds'))
   builder.download_and_prepare()
   read = tfds_builder.TfdsSource('paired_folder_builder', 'train', str(tmp_path / 'tfds'))
   assert len(read) == len(reference)

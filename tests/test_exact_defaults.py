@@ -28,8 +28,10 @@ def test_restore_command_defaults_equal_restorer_bit_for_bit(tmp_path, odd_photo
   source = tmp_path / 'in' / 'cat.png'
   source.parent.mkdir()
   write_image(source, odd_photo / 255.0)  # float in [0, 1], written as 8 bits
-  assert main(['restore', '--weights', str(DEMO), str(source),
-               '--output', str(tmp_path / 'out')]) == 0
+  assert main(['restore', '--weights',
+               str(DEMO),
+               str(source), '--output',
+               str(tmp_path / 'out')]) == 0
   written, info = read_image(tmp_path / 'out' / 'cat.png')  # float in [0, 1] + what it was
   assert info.bit_depth == 8
   from_command = np.round(written * 255).astype(np.uint8)
@@ -42,8 +44,7 @@ def test_restore_command_defaults_equal_restorer_bit_for_bit(tmp_path, odd_photo
 
 
 def _compute_dtypes(model):
-  return {jnp.dtype(m.dtype) for _, m in nnx.iter_graph(model)
-          if isinstance(m, nnx.Conv)}
+  return {jnp.dtype(m.dtype) for _, m in nnx.iter_graph(model) if isinstance(m, nnx.Conv)}
 
 
 @pytest.mark.parametrize('built, asked', [('bfloat16', 'float32'), ('float32', 'bfloat16')])

@@ -79,12 +79,12 @@ def _op_long(n):
 def expanded_pth(path, side=16384, tensors=8):
   """`tensors` side x side complex128 tensors (4 GiB each by default) of stride 0 on one
   16-byte storage."""
-  storage = (_op_str('storage') + _op_global('torch', 'ComplexDoubleStorage') + _op_str('0')
-             + _op_str('cpu') + _op_int(1))
-  tensor = (_op_global('torch._utils', '_rebuild_tensor_v2') + b'((' + storage + b'tQ'
-            + _op_int(0) + _op_tuple(_op_long(side), _op_long(side))
-            + _op_tuple(_op_int(0), _op_int(0)) + b'\x89' + _op_global('collections', 'OrderedDict')
-            + b')RtR')
+  storage = (_op_str('storage') + _op_global('torch', 'ComplexDoubleStorage') + _op_str('0') +
+             _op_str('cpu') + _op_int(1))
+  tensor = (_op_global('torch._utils', '_rebuild_tensor_v2') + b'((' + storage + b'tQ' +
+            _op_int(0) + _op_tuple(_op_long(side), _op_long(side)) +
+            _op_tuple(_op_int(0), _op_int(0)) + b'\x89' + _op_global('collections', 'OrderedDict') +
+            b')RtR')
   pkl = b'\x80\x02}(' + b''.join(_op_str(f'w{i}') + tensor for i in range(tensors)) + b'u.'
   return _zip_pth(path, pkl, [('0', b'\0' * 16)])
 
@@ -112,8 +112,8 @@ def png_claiming(path, height, width, depth, colour, rows=None):
   data = b''.join(squeeze.compress(row) for _ in range(height if rows is None else rows))
   data += squeeze.flush()
   header = struct.pack('>IIBBBBB', width, height, depth, colour, 0, 0, 0)
-  path.write_bytes(b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', header) + _png_chunk(b'IDAT', data)
-                   + _png_chunk(b'IEND', b''))
+  path.write_bytes(b'\x89PNG\r\n\x1a\n' + _png_chunk(b'IHDR', header) + _png_chunk(b'IDAT', data) +
+                   _png_chunk(b'IEND', b''))
   return path
 
 
@@ -181,37 +181,49 @@ def hostile(tmp_path_factory):
   assert png8.stat().st_size < 200_000  # a few kilobytes claiming 144 megapixels
   out = str(d / 'out')
   cases = {
-      'zip_bomb': (['convert', str(zip_bomb_pth(d / 'bomb.pth')), out + '.safetensors'],
-                   'bomb.pth', 'past its own size'),
-      'expanded': (['convert', str(expanded_pth(d / 'expanded.pth')), out + '.safetensors'],
-                   'expanded.pth', 'limit of'),
-      'memo_zip': (['convert', str(_zip_pth(d / 'memo.pth', MEMO_PICKLE)), out + '.safetensors'],
-                   'memo.pth', 'memo index'),
-      'memo_legacy': (['convert', str(legacy_memo_pth(d / 'memo_legacy.pth')),
-                       out + '.safetensors'], 'memo_legacy.pth', 'memo index'),
-      'png16_huge': (['restore', str(png16), '--output', out, '--weights', str(weights)],
-                     'big16.png', 'limit of 100,000,000'),
-      'png8_huge': (['restore', str(png8), '--output', out, '--weights', str(weights)],
-                    'big8.png', 'limit of 100,000,000'),
-      'evaluate_huge': (['evaluate', '--data', str(d / 'huge'), '--weights', str(weights)],
-                        'x.png', 'limit of'),
+      'zip_bomb': (['convert', str(zip_bomb_pth(d / 'bomb.pth')),
+                    out + '.safetensors'], 'bomb.pth', 'past its own size'),
+      'expanded': (['convert',
+                    str(expanded_pth(d / 'expanded.pth')),
+                    out + '.safetensors'], 'expanded.pth', 'limit of'),
+      'memo_zip': (['convert',
+                    str(_zip_pth(d / 'memo.pth', MEMO_PICKLE)),
+                    out + '.safetensors'], 'memo.pth', 'memo index'),
+      'memo_legacy':
+          (['convert', str(legacy_memo_pth(d / 'memo_legacy.pth')),
+            out + '.safetensors'], 'memo_legacy.pth', 'memo index'),
+      'png16_huge': (['restore', str(png16), '--output', out, '--weights',
+                      str(weights)], 'big16.png', 'limit of 100,000,000'),
+      'png8_huge': (['restore', str(png8), '--output', out, '--weights',
+                     str(weights)], 'big8.png', 'limit of 100,000,000'),
+      'evaluate_huge': (['evaluate', '--data',
+                         str(d / 'huge'), '--weights',
+                         str(weights)], 'x.png', 'limit of'),
       'convert_fifo': (['convert', str(fifo), out + '.safetensors'], 'pipe.pth', 'FIFO'),
-      'restore_fifo': (['restore', str(fifo_png), '--output', out, '--weights', str(weights)],
-                       'pipe.png', 'FIFO'),
-      'restore_fifo_weights': (['restore', str(good), '--output', out, '--weights',
-                                str(fifo_weights)], 'pipe.safetensors', 'FIFO'),
+      'restore_fifo': (['restore',
+                        str(fifo_png), '--output', out, '--weights',
+                        str(weights)], 'pipe.png', 'FIFO'),
+      'restore_fifo_weights':
+          (['restore', str(good), '--output', out, '--weights',
+            str(fifo_weights)], 'pipe.safetensors', 'FIFO'),
       'export_fifo': (['export', str(fifo), out + '.pth'], 'pipe.pth', 'FIFO'),
-      'evaluate_fifo': (['evaluate', '--data', str(d / 'fifo'), '--weights', str(weights)],
-                        'x.png', 'FIFO'),
+      'evaluate_fifo': (['evaluate', '--data',
+                         str(d / 'fifo'), '--weights',
+                         str(weights)], 'x.png', 'FIFO'),
       # Last: --max-pixels sets the limit for the rest of the process.
-      'png8_max_pixels': (['restore', str(good), str(png8), '--output', out, '--weights',
-                           str(weights), '--max-pixels', '200'], 'good.png', 'limit of 200'),
+      'png8_max_pixels': ([
+          'restore',
+          str(good),
+          str(png8), '--output', out, '--weights',
+          str(weights), '--max-pixels', '200'
+      ], 'good.png', 'limit of 200'),
   }
   env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get('PYTHONPATH', '')]))
   env.pop('MPRNET_MAX_PIXELS', None)
   argv = json.dumps({name: case[0] for name, case in cases.items()})
-  proc = subprocess.run([sys.executable, '-c', CHILD, str(CAP_GIB), argv, '20'], env=env,
-                        capture_output=True, text=True, timeout=400)
+  proc = subprocess.run(
+      [sys.executable, '-c', CHILD, str(CAP_GIB), argv, '20'], env=env, capture_output=True,
+      text=True, timeout=400)
   assert proc.returncode == 0, proc.stderr[-3000:]
   return cases, json.loads(proc.stdout.strip().splitlines()[-1])
 
@@ -222,9 +234,10 @@ def test_the_memory_cap_holds_in_the_child(hostile):
 
 
 @pytest.mark.parametrize('name', [
-    'zip_bomb', 'expanded', 'memo_zip', 'memo_legacy', 'png16_huge', 'png8_huge',
-    'png8_max_pixels', 'evaluate_huge', 'convert_fifo', 'restore_fifo', 'restore_fifo_weights',
-    'export_fifo', 'evaluate_fifo'])
+    'zip_bomb', 'expanded', 'memo_zip', 'memo_legacy', 'png16_huge', 'png8_huge', 'png8_max_pixels',
+    'evaluate_huge', 'convert_fifo', 'restore_fifo', 'restore_fifo_weights', 'export_fifo',
+    'evaluate_fifo'
+])
 def test_hostile_file_gives_one_line_and_status_2(hostile, name):
   cases, results = hostile
   argv, file_name, words = cases[name]

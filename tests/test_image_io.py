@@ -55,7 +55,7 @@ def test_numpy_png_decoder_handles_every_filter(tmp_path, photo):
   data = path.read_bytes()
   np.testing.assert_array_equal(image_io._decode_png(data), np.asarray(Image.open(path)))
   start = data.index(b'IDAT') + 4
-  raw = zlib.decompress(data[start : start + int.from_bytes(data[start - 8 : start - 4], 'big')])
+  raw = zlib.decompress(data[start:start + int.from_bytes(data[start - 8:start - 4], 'big')])
   row_bytes = photo.shape[1] * 3 + 1
   assert len({raw[i] for i in range(0, len(raw), row_bytes)}) >= 3
 
@@ -148,7 +148,7 @@ def test_bad_inputs_name_the_file(tmp_path):
   with pytest.raises(ImageError, match=r'empty\.tif: empty image'):
     read_image(tmp_path / 'empty.tif')
   tifffile.imwrite(tmp_path / 'five.tif', np.zeros((4, 5, 5), np.uint8), photometric='minisblack',
-            planarconfig='contig')
+                   planarconfig='contig')
   with pytest.raises(ImageError, match=r'five\.tif: unsupported layout'):
     read_image(tmp_path / 'five.tif')
   with pytest.raises(ImageError, match=r'out\.gif: cannot write'):
@@ -255,8 +255,10 @@ def test_a_limit_above_pillows_own_is_honoured(tmp_path, monkeypatch):
 
 # EXIF orientation -> what a viewer shows, stated per the EXIF standard for a stored image s:
 # 3: rotate 180; 6: rotate 90 degrees clockwise; 8: 90 counter-clockwise; 2: mirror left-right.
-_VIEWED = {1: lambda s: s, 2: lambda s: s[:, ::-1], 3: lambda s: s[::-1, ::-1],
-           6: lambda s: np.rot90(s, -1), 8: lambda s: np.rot90(s, 1)}
+_VIEWED = {
+    1: lambda s: s, 2: lambda s: s[:, ::-1], 3: lambda s: s[::-1, ::-1],
+    6: lambda s: np.rot90(s, -1), 8: lambda s: np.rot90(s, 1)
+}
 
 
 @pytest.mark.parametrize('orientation', list(_VIEWED))
@@ -286,8 +288,8 @@ def test_exif_orientation_applies_to_16bit_png(tmp_path):
   exif[0x0112] = 6
   data = path.read_bytes()
   body = exif.tobytes()
-  chunk = (len(body).to_bytes(4, 'big') + b'eXIf' + body
-           + zlib.crc32(b'eXIf' + body).to_bytes(4, 'big'))
+  chunk = (len(body).to_bytes(4, 'big') + b'eXIf' + body +
+           zlib.crc32(b'eXIf' + body).to_bytes(4, 'big'))
   path.write_bytes(data[:33] + chunk + data[33:])  # after the 33-byte signature + IHDR
   pixels, info = read_image(path)
   assert info.bit_depth == 16
@@ -305,8 +307,9 @@ def test_training_reader_is_the_same_reader(tmp_path):
   np.testing.assert_array_equal(data.load_rgb(str(path)), np.rint(levels / 257).astype(np.uint8))
   exif = Image.Exif()
   exif[0x0112] = 8
-  Image.fromarray(np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)).save(
-      tmp_path / 'turned.png', exif=exif)
+  Image.fromarray(np.arange(2 * 3 * 3,
+                            dtype=np.uint8).reshape(2, 3, 3)).save(tmp_path / 'turned.png',
+                                                                   exif=exif)
   assert data.load_rgb(str(tmp_path / 'turned.png')).shape == (3, 2, 3)
 
 

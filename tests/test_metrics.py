@@ -26,8 +26,13 @@ WRAPS = pytest.mark.parametrize('wrap', [lambda f: f, jax.jit], ids=['eager', 'j
 
 def _sk_ssim(x, y):
   return structural_similarity(
-    x, y, gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1,
-    channel_axis=-1,
+      x,
+      y,
+      gaussian_weights=True,
+      sigma=1.5,
+      use_sample_covariance=False,
+      data_range=1,
+      channel_axis=-1,
   )
 
 
@@ -70,10 +75,10 @@ def _all_metrics(restored_u8, target_u8):
   """The four metrics of one uint8 pair, as the fixtures' table lists them."""
   restored, target = restored_u8 / 255.0, target_u8 / 255.0
   return {
-    'psnr_rgb': metrics.psnr(restored, target),
-    'ssim_rgb_skimage_gaussian': metrics.ssim(restored, target),
-    'psnr_y': metrics.psnr_y(restored_u8, target_u8),
-    'ssim_y': metrics.ssim_y(restored_u8, target_u8),
+      'psnr_rgb': metrics.psnr(restored, target),
+      'ssim_rgb_skimage_gaussian': metrics.ssim(restored, target),
+      'psnr_y': metrics.psnr_y(restored_u8, target_u8),
+      'ssim_y': metrics.ssim_y(restored_u8, target_u8),
   }
 
 
@@ -108,9 +113,9 @@ def test_rgb_to_y_matches_matlab_formula():
 
 
 @pytest.mark.parametrize(
-  'wrap, name',
-  [(jax.jit, 'astronaut'), (jax.jit, 'chelsea'), (jax.jit, 'coffee'), (lambda f: f, 'chelsea')],
-  ids=['jit-astronaut', 'jit-chelsea', 'jit-coffee', 'eager-chelsea'],
+    'wrap, name',
+    [(jax.jit, 'astronaut'), (jax.jit, 'chelsea'), (jax.jit, 'coffee'), (lambda f: f, 'chelsea')],
+    ids=['jit-astronaut', 'jit-chelsea', 'jit-coffee', 'eager-chelsea'],
 )
 def test_on_skimage_photographs(wrap, name):
   restored, target = _degrade(getattr(skdata, name)(), seed=len(name))
@@ -157,6 +162,7 @@ def test_bad_shapes_raise():
 
 # --- MATLAB psnr / ssim (GoPro, HIDE, SIDD protocols) ---
 
+
 def _matlab_ssim_float64(x, y, data_range):
   """MATLAB's documented default `ssim` in float64: 3-D Gaussian (sigma 1.5, 11 taps per axis,
   'replicate' padding: SciPy's 'nearest') over H x W x C, mean of the whole map."""
@@ -165,9 +171,9 @@ def _matlab_ssim_float64(x, y, data_range):
   mu_x, mu_y = blur(x), blur(y)
   var_x, var_y = blur(x * x) - mu_x**2, blur(y * y) - mu_y**2
   cov = blur(x * y) - mu_x * mu_y
-  c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
-  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1)
-                                                           * (var_x + var_y + c2))
+  c1, c2 = (0.01 * data_range)**2, (0.03 * data_range)**2
+  ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) *
+                                                          (var_x + var_y + c2))
   return ssim_map.mean()
 
 
@@ -180,12 +186,12 @@ def test_ssim_matlab_is_the_3d_volume_ssim_not_the_channel_mean():
   # The same at L = 1 on the /255 values (what SIDD's single blocks use).
   assert abs(float(ssim_3d(restored_u8 / 255, target_u8 / 255, 1.0)) - got) < 2e-5
   # One channel at a time is MATLAB's 2-D ssim; their mean is a different, lower number.
-  per_channel = np.mean([float(ssim_3d(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0))
-                         for c in range(3)])
+  per_channel = np.mean(
+      [float(ssim_3d(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0)) for c in range(3)])
   for c in range(3):
     two_d = _matlab_ssim_float64(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0)
-    assert abs(float(ssim_3d(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0))
-               - two_d) < 2e-5
+    assert abs(float(ssim_3d(restored_u8[..., c:c + 1], target_u8[..., c:c + 1], 255.0)) -
+               two_d) < 2e-5
   assert got - per_channel > 0.05
 
 
@@ -202,7 +208,7 @@ def test_psnr_matlab_formula_without_clamping():
   rng = np.random.default_rng(5)
   target = rng.integers(0, 256, (2, 17, 19, 3)).astype(np.float64)
   restored = target + rng.normal(0, 9, target.shape)  # leaves [0, 255]: MATLAB does not clamp
-  want = 10 * np.log10(255.0**2 / np.mean((restored - target) ** 2, axis=(1, 2, 3)))
+  want = 10 * np.log10(255.0**2 / np.mean((restored - target)**2, axis=(1, 2, 3)))
   got = np.asarray(metrics.psnr_matlab(restored, target, 255.0))
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
   assert np.isinf(float(metrics.psnr_matlab(target[0], target[0], 255.0)))

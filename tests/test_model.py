@@ -14,8 +14,8 @@ from mprnet_jax.model import merge_columns, merge_rows, split_columns, split_row
 TINY = dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2)
 
 
-@pytest.mark.parametrize('task,expected', [
-    ('deblurring', 20_127_073), ('denoising', 15_741_025), ('deraining', 3_637_249)])
+@pytest.mark.parametrize('task,expected', [('deblurring', 20_127_073), ('denoising', 15_741_025),
+                                           ('deraining', 3_637_249)])
 def test_preset_parameter_counts(task, expected):
   assert count_params(nnx.eval_shape(lambda: MPRNet(task))) == expected
 
@@ -44,6 +44,7 @@ def test_size_not_multiple_of_8_names_nearest(shape, nearest):
 def _torch_bilinear(x, out_size):
   """torch.nn.functional.interpolate(mode='bilinear', align_corners=False) along axis 1 and 2,
   written from its formula: src = (dst + 0.5) * in / out - 0.5, clamped at 0, linear weights."""
+
   def along(a, axis, out):
     size = a.shape[axis]
     src = np.maximum((np.arange(out) + 0.5) * size / out - 0.5, 0.0)
@@ -51,6 +52,7 @@ def _torch_bilinear(x, out_size):
     hi = np.minimum(lo + 1, size - 1)
     frac = (src - lo).reshape([-1 if d == axis else 1 for d in range(a.ndim)])
     return np.take(a, lo, axis) * (1 - frac) + np.take(a, hi, axis) * frac
+
   return along(along(x, 1, out_size[0]), 2, out_size[1])
 
 
@@ -58,8 +60,7 @@ def test_resampling_matches_torch_bilinear_formula():
   x = np.random.default_rng(0).normal(size=(2, 8, 12, 5)).astype(np.float32)
   np.testing.assert_allclose(upsample_double(jnp.asarray(x)), _torch_bilinear(x, (16, 24)),
                              atol=1e-6)
-  np.testing.assert_allclose(downsample_half(jnp.asarray(x)), _torch_bilinear(x, (4, 6)),
-                             atol=1e-6)
+  np.testing.assert_allclose(downsample_half(jnp.asarray(x)), _torch_bilinear(x, (4, 6)), atol=1e-6)
 
 
 def test_quarter_stacking_matches_slicing_and_inverts():
@@ -109,7 +110,7 @@ def test_remat_changes_nothing_numerically(tiny_model):
   def loss(params, remat):
     model = nnx.merge(graphdef, params)
     model.set_remat(remat)
-    return sum(jnp.mean(o ** 2) for o in model(x))
+    return sum(jnp.mean(o**2) for o in model(x))
 
   plain = jax.jit(jax.value_and_grad(lambda p: loss(p, False)))(params)
   for mode in ('convs', 'runs', 'full'):
@@ -124,10 +125,11 @@ def test_each_remat_mode_keeps_fewer_activations(tiny_model):
   graphdef, params = nnx.split(tiny_model, nnx.Param)
 
   def saved_bytes(mode):
+
     def loss(params):
       model = nnx.merge(graphdef, params)
       model.set_remat(mode)
-      return sum(jnp.mean(o ** 2) for o in model(x))
+      return sum(jnp.mean(o**2) for o in model(x))
 
     _, backward = jax.vjp(loss, params)
     return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))

@@ -28,10 +28,16 @@ def test_two_processes_match_one(tmp_path):
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # conftest's 8 devices
   env['PYTHONPATH'] = os.pathsep.join([str(WORKER.parent), env.get('PYTHONPATH', '')])
   cache = jax.config.jax_compilation_cache_dir
-  workers = [subprocess.Popen(
-      [sys.executable, str(WORKER), '--process_id', str(i), '--num_processes', '2',
-       '--port', str(port), '--out', str(tmp_path)] + (['--cache', cache] if cache else []),
-      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+  workers = [
+      subprocess.Popen([
+          sys.executable,
+          str(WORKER), '--process_id',
+          str(i), '--num_processes', '2', '--port',
+          str(port), '--out',
+          str(tmp_path)
+      ] + (['--cache', cache] if cache else []), env=env, stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, text=True) for i in range(2)
+  ]
   try:
     # The one-process reference runs meanwhile (its compiled step is usually in the cache).
     ref_losses, ref_params = train(tiny_config('adam'), tiny_batch(), 'none')
@@ -48,7 +54,8 @@ def test_two_processes_match_one(tmp_path):
   assert (result['process_count'], result['device_count']) == (2, 4)
   assert len(result['losses']) == STEPS
   np.testing.assert_allclose(result['losses'], ref_losses, rtol=0, atol=1e-5)
-  assert abs(result['checksum'] - checksum(ref_params)) <= 1e-5 * max(1.0, abs(checksum(ref_params)))
+  assert abs(result['checksum'] -
+             checksum(ref_params)) <= 1e-5 * max(1.0, abs(checksum(ref_params)))
   params = np.load(tmp_path / 'params.npz')
   assert set(params.files) == set(ref_params)
   worst = max(float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params)

@@ -71,8 +71,8 @@ def test_place_batch_shapes_and_errors():
   assert np.array_equal(np.asarray(global_batch['input']), batch['input'])
   shards = place_batch(batch, 'pmap')
   assert shards['target'].shape == (8, GLOBAL_BATCH // 8, 32, 32, 3)
-  assert np.array_equal(np.asarray(shards['target']).reshape(batch['target'].shape),
-                        batch['target'])
+  assert np.array_equal(
+      np.asarray(shards['target']).reshape(batch['target'].shape), batch['target'])
   odd = {k: v[:6] for k, v in batch.items()}
   for mode in ('mesh', 'pmap'):
     with pytest.raises(ValueError, match='does not divide'):

@@ -45,16 +45,16 @@ def _one_error_line(capsys):
 
 # --- folder protocols, results mode, on the reference pairs ---
 
+
 @pytest.mark.parametrize('protocol', ['gopro', 'realblur'])
 def test_pair_protocols_match_the_official_references(protocol):
   pairs = shared_fixture('protocols/pairs')
   reference = _csv_rows(pairs / 'protocols.csv')
-  result = protocols.evaluate_pairs(protocol, pairs, results_dir=pairs / 'restored',
-                                    progress=False)
+  result = protocols.evaluate_pairs(protocol, pairs, results_dir=pairs / 'restored', progress=False)
   _assert_close(result['per_image'], reference, f'psnr_{protocol}', f'ssim_{protocol}')
   assert result['images'] == 3
-  assert result['psnr'] == pytest.approx(np.mean([float(r[f'psnr_{protocol}'])
-                                                  for r in reference.values()]), abs=PSNR_TOL)
+  assert result['psnr'] == pytest.approx(
+      np.mean([float(r[f'psnr_{protocol}']) for r in reference.values()]), abs=PSNR_TOL)
 
 
 def test_rain_and_rgb_protocols_match_the_metrics_references(tmp_path):
@@ -85,8 +85,14 @@ def test_cli_json_and_several_datasets_with_a_mean_row(tmp_path, capsys):
     shutil.copy(folder / 'target' / name, small / 'target' / name)
     shutil.copy(folder / 'restored' / name, results / name)
   out = tmp_path / 'rain.json'
-  assert main(['evaluate', '--protocol', 'rain', '--results', str(folder / 'restored'),
-               str(results), '--data', str(folder), str(small), '--json', str(out)]) == 0
+  assert main([
+      'evaluate', '--protocol', 'rain', '--results',
+      str(folder / 'restored'),
+      str(results), '--data',
+      str(folder),
+      str(small), '--json',
+      str(out)
+  ]) == 0
   lines = capsys.readouterr().out.splitlines()
   assert sum('images: PSNR' in line for line in lines) == 2
   assert any(line.startswith('mean of 2 datasets (6 images)') for line in lines)
@@ -103,6 +109,7 @@ def test_cli_json_and_several_datasets_with_a_mean_row(tmp_path, capsys):
 
 
 # --- weights mode: restore, save, rescore ---
+
 
 def _noisy_pairs(root, count=2, size=(36, 44)):
   """Pairs cut from a real photo, inputs noised: sizes not multiples of 8 (official padding)."""
@@ -125,18 +132,26 @@ def test_saved_images_rescore_identically_in_results_mode(tmp_path, capsys):
   _noisy_pairs(data)
   saved = tmp_path / 'saved'
   first, second = tmp_path / 'weights.json', tmp_path / 'results.json'
-  assert main(['evaluate', '--protocol', 'gopro', '--weights', str(weights), '--data', str(data),
-               '--save-images', str(saved), '--json', str(first)]) == 0
+  assert main([
+      'evaluate', '--protocol', 'gopro', '--weights',
+      str(weights), '--data',
+      str(data), '--save-images',
+      str(saved), '--json',
+      str(first)
+  ]) == 0
   assert sorted(p.name for p in saved.iterdir()) == ['im0.png', 'im1.png']
   restored = np.asarray(Image.open(saved / 'im0.png'))
   assert restored.dtype == np.uint8 and restored.shape == (36, 44, 3)
-  assert main(['evaluate', '--protocol', 'gopro', '--results', str(saved), '--data', str(data),
-               '--json', str(second)]) == 0
+  assert main([
+      'evaluate', '--protocol', 'gopro', '--results',
+      str(saved), '--data',
+      str(data), '--json',
+      str(second)
+  ]) == 0
   a, b = json.loads(first.read_text()), json.loads(second.read_text())
   assert a['per_image'] == b['per_image'] and a['protocol'] == 'gopro' and a['images'] == 2
   # The restorations differ from the inputs: the model did run.
-  noisy_score = protocols.evaluate_pairs('gopro', data, results_dir=data / 'input',
-                                         progress=False)
+  noisy_score = protocols.evaluate_pairs('gopro', data, results_dir=data / 'input', progress=False)
   assert abs(noisy_score['psnr'] - a['psnr']) > 0.01
 
 
@@ -153,18 +168,27 @@ def test_sixteen_bit_targets_keep_sixteen_bits(tmp_path, capsys):
       write_image(path, np.clip(fine, 0, 1),
                   ImageInfo(bit_depth=16, mode='rgb', alpha=None, shape=()))
   saved, first, second = tmp_path / 'saved', tmp_path / 'a.json', tmp_path / 'b.json'
-  assert main(['evaluate', '--weights', str(weights), '--data', str(data), '--save-images',
-               str(saved), '--json', str(first), '--csv', str(tmp_path / 'm.csv')]) == 0
+  assert main([
+      'evaluate', '--weights',
+      str(weights), '--data',
+      str(data), '--save-images',
+      str(saved), '--json',
+      str(first), '--csv',
+      str(tmp_path / 'm.csv')
+  ]) == 0
   restored, info = read_image(saved / 'im0.png')
   assert info.bit_depth == 16
   assert not np.array_equal(np.round(restored * 255) / 255, restored)  # finer than 8 bits
-  assert main(['evaluate', '--results', str(saved), '--data', str(data), '--json',
+  assert main(['evaluate', '--results',
+               str(saved), '--data',
+               str(data), '--json',
                str(second)]) == 0
   a, b = json.loads(first.read_text()), json.loads(second.read_text())
   assert a['per_image'] == b['per_image']
 
 
 # --- SIDD ---
+
 
 def _write_v73(path, variables):
   """A MATLAB v7.3 file as MATLAB writes it: HDF5, every array stored transposed."""
@@ -177,18 +201,22 @@ def test_sidd_restores_writes_idenoised_and_scores_like_evaluate_sidd(tmp_path, 
   sidd = shared_fixture('protocols/sidd')
   expected = json.loads((sidd / 'expected.json').read_text())
   out = tmp_path / 'sidd.json'
-  assert main(['evaluate', '--protocol', 'sidd', '--weights',
-               str(shared_fixture('protocols/denoise.pth')), '--data', str(sidd),
-               '--output', str(tmp_path), '--json', str(out), *BATCH]) == 0
+  assert main([
+      'evaluate', '--protocol', 'sidd', '--weights',
+      str(shared_fixture('protocols/denoise.pth')), '--data',
+      str(sidd), '--output',
+      str(tmp_path), '--json',
+      str(out), *BATCH
+  ]) == 0
   result = json.loads(out.read_text())
   assert result['images'] == expected['blocks'] == 6
   assert result['psnr'] == pytest.approx(expected['psnr'], abs=PSNR_TOL)
   assert result['ssim'] == pytest.approx(expected['ssim'], abs=SSIM_TOL)
   assert [r['name'] for r in result['per_image']] == ['0_0', '0_1', '0_2', '1_0', '1_1', '1_2']
-  np.testing.assert_allclose([r['psnr'] for r in result['per_image']],
-                             expected['psnr_per_block'], atol=PSNR_TOL, rtol=0)
-  np.testing.assert_allclose([r['ssim'] for r in result['per_image']],
-                             expected['ssim_per_block'], atol=SSIM_TOL, rtol=0)
+  np.testing.assert_allclose([r['psnr'] for r in result['per_image']], expected['psnr_per_block'],
+                             atol=PSNR_TOL, rtol=0)
+  np.testing.assert_allclose([r['ssim'] for r in result['per_image']], expected['ssim_per_block'],
+                             atol=SSIM_TOL, rtol=0)
   written = scipy.io.loadmat(tmp_path / 'Idenoised.mat')['Idenoised']
   reference = np.load(sidd / 'expected_Idenoised.npy')
   assert written.dtype == np.float32 and written.shape == reference.shape
@@ -209,18 +237,22 @@ def test_sidd_results_mode_reads_v5_and_v73_files(tmp_path):
   for data, results in [(v73, v73), (sidd, tmp_path / 'Idenoised.mat')]:
     result = protocols.evaluate_sidd(data, results=results, progress=False)
     assert result['psnr'] == pytest.approx(expected['psnr'], abs=PSNR_TOL)
-    np.testing.assert_allclose([r['ssim'] for r in result['per_image']],
-                               expected['ssim_per_block'], atol=SSIM_TOL, rtol=0)
+    np.testing.assert_allclose([r['ssim'] for r in result['per_image']], expected['ssim_per_block'],
+                               atol=SSIM_TOL, rtol=0)
 
 
 # --- DND ---
 
+
 def test_dnd_writes_the_official_submission_files(tmp_path, capsys):
   dnd = shared_fixture('protocols/dnd')
   out = tmp_path / 'submit'
-  assert main(['evaluate', '--protocol', 'dnd', '--weights',
-               str(shared_fixture('protocols/denoise.pth')), '--data', str(dnd),
-               '--output', str(out), *BATCH]) == 0
+  assert main([
+      'evaluate', '--protocol', 'dnd', '--weights',
+      str(shared_fixture('protocols/denoise.pth')), '--data',
+      str(dnd), '--output',
+      str(out), *BATCH
+  ]) == 0
   assert 'no public ground truth' in capsys.readouterr().out
   expected = np.load(dnd / 'expected_patches.npz')
   assert sorted(p.name for p in out.iterdir()) == ['0001.mat', '0002.mat']
@@ -238,12 +270,13 @@ def test_dnd_writes_the_official_submission_files(tmp_path, capsys):
 
 # --- bad input: one line, exit status 2 ---
 
+
 def _write_info(path, boxes_per_image):
   """A DND info.mat (HDF5): info/boundingboxes holds a reference per image to a 4 x K array."""
   with h5py.File(path, 'w') as handle:
     refs = handle.create_group('#refs#')
-    table = handle.create_group('info').create_dataset(
-        'boundingboxes', (1, len(boxes_per_image)), dtype=h5py.ref_dtype)
+    table = handle.create_group('info').create_dataset('boundingboxes', (1, len(boxes_per_image)),
+                                                       dtype=h5py.ref_dtype)
     for index, boxes in enumerate(boxes_per_image):
       table[0, index] = refs.create_dataset(f'b{index}', data=np.float64(boxes).T).ref
 
@@ -281,27 +314,45 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys, monkeypatch):
   shutil.copy(pairs / 'target' / '00.png', unpaired / 'input' / 'extra.png')
 
   cases = [
-    (['--protocol', 'sidd', '--weights', weights, '--data', str(no_variable)],
-     "no variable 'ValidationGtBlocksSrgb'"),
-    (['--protocol', 'sidd', '--weights', weights, '--data', str(wrong_rank)],
-     'expected (N, M, H, W, 3)'),
-    (['--protocol', 'sidd', '--weights', weights, '--data', str(wrong_dtype)], 'float64'),
-    (['--protocol', 'dnd', '--weights', weights, '--data', str(outside), '--output',
-      str(tmp_path / 'o')], 'box 1 of image 2'),
-    (['--protocol', 'dnd', '--weights', weights, '--data', str(not_hdf5), '--output',
-      str(tmp_path / 'o')], 'not an HDF5 file'),
-    (['--protocol', 'gopro', '--results', str(partial), '--data', str(pairs)], '01'),
-    (['--protocol', 'gopro', '--weights', weights, '--data', str(unpaired)], 'input/extra.png'),
-    (['--protocol', 'psnr', '--results', str(partial), '--data', str(pairs)],
-     "unknown protocol 'psnr'"),
-    (['--protocol', 'sidd', '--results', str(tmp_path / 'nowhere.mat'), '--data', str(sidd)],
-     'nowhere.mat'),
-    (['--protocol', 'gopro', '--data', str(pairs)], '--weights'),
-    (['--protocol', 'gopro', '--results', str(partial), str(partial), '--data', str(pairs)],
-     '2 --results for 1 --data'),
-    (['--protocol', 'gopro', '--weights', weights, '--data', str(pairs), '--output',
-      str(tmp_path / 'o')], '--save-images'),
-    (['--protocol', 'dnd', '--results', str(partial), '--data', str(dnd)], 'no ground truth'),
+      (['--protocol', 'sidd', '--weights', weights, '--data',
+        str(no_variable)], "no variable 'ValidationGtBlocksSrgb'"),
+      (['--protocol', 'sidd', '--weights', weights, '--data',
+        str(wrong_rank)], 'expected (N, M, H, W, 3)'),
+      (['--protocol', 'sidd', '--weights', weights, '--data',
+        str(wrong_dtype)], 'float64'),
+      ([
+          '--protocol', 'dnd', '--weights', weights, '--data',
+          str(outside), '--output',
+          str(tmp_path / 'o')
+      ], 'box 1 of image 2'),
+      ([
+          '--protocol', 'dnd', '--weights', weights, '--data',
+          str(not_hdf5), '--output',
+          str(tmp_path / 'o')
+      ], 'not an HDF5 file'),
+      (['--protocol', 'gopro', '--results',
+        str(partial), '--data',
+        str(pairs)], '01'),
+      (['--protocol', 'gopro', '--weights', weights, '--data',
+        str(unpaired)], 'input/extra.png'),
+      (['--protocol', 'psnr', '--results',
+        str(partial), '--data',
+        str(pairs)], "unknown protocol 'psnr'"),
+      (['--protocol', 'sidd', '--results',
+        str(tmp_path / 'nowhere.mat'), '--data',
+        str(sidd)], 'nowhere.mat'),
+      (['--protocol', 'gopro', '--data', str(pairs)], '--weights'),
+      (['--protocol', 'gopro', '--results',
+        str(partial),
+        str(partial), '--data',
+        str(pairs)], '2 --results for 1 --data'),
+      ([
+          '--protocol', 'gopro', '--weights', weights, '--data',
+          str(pairs), '--output',
+          str(tmp_path / 'o')
+      ], '--save-images'),
+      (['--protocol', 'dnd', '--results',
+        str(partial), '--data', str(dnd)], 'no ground truth'),
   ]
   for argv, expected in cases:
     assert main(['evaluate', *argv]) == 2, argv
@@ -311,6 +362,9 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys, monkeypatch):
 
   # Without OpenCV the RealBlur protocol names the extra that brings it.
   monkeypatch.setitem(sys.modules, 'cv2', None)
-  assert main(['evaluate', '--protocol', 'realblur', '--results', str(pairs / 'restored'),
-               '--data', str(pairs)]) == 2
+  assert main([
+      'evaluate', '--protocol', 'realblur', '--results',
+      str(pairs / 'restored'), '--data',
+      str(pairs)
+  ]) == 2
   assert "mprnet-jax[eval]" in _one_error_line(capsys)

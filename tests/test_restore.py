@@ -79,7 +79,8 @@ def test_ensemble_of_an_equivariant_network_is_that_network(photo, monkeypatch):
   plain = Restorer(model)
   ensembled = Restorer(model, ensemble=True)
   for restorer in (plain, ensembled):
-    monkeypatch.setattr(restorer, '_apply', lambda params, x: jnp.sqrt(x) * 0.5 + x[..., ::-1] * 0.25)
+    monkeypatch.setattr(restorer, '_apply',
+                        lambda params, x: jnp.sqrt(x) * 0.5 + x[..., ::-1] * 0.25)
   assert np.allclose(ensembled.restore_float(image), plain.restore_float(image), atol=2e-7)
 
 
@@ -104,7 +105,7 @@ def test_out_of_memory_falls_back_to_tiles(restorer, photo, monkeypatch):
 
   monkeypatch.setattr(tiled, '_apply', limited)
   monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (512, 256))
-  image = photo.astype(np.float32) / 255                       # 203 x 317: too large here
+  image = photo.astype(np.float32) / 255  # 203 x 317: too large here
   with pytest.warns(UserWarning, match='restoring in 256-pixel tiles'):
     restored = tiled.restore_float(image)
   assert restored.shape == image.shape
@@ -131,12 +132,14 @@ def _write_pairs(root, photo):
 
 def test_cli_convert_with_reference(tmp_path, capsys):
   out = tmp_path / 'tiny.safetensors'
-  assert main(['convert', str(TINY), str(out), '--reference',
+  assert main(['convert',
+               str(TINY),
+               str(out), '--reference',
                str(FIXTURES / 'tiny_outputs.npz')]) == 0
   printed = capsys.readouterr().out
   assert '427,033 parameters' in printed and 'stage3: largest |difference|' in printed
   assert out.exists()
-  assert main(['convert', str(TINY), str(out)]) == 2          # refuses to overwrite
+  assert main(['convert', str(TINY), str(out)]) == 2  # refuses to overwrite
   assert 'already exists' in capsys.readouterr().err
 
 
@@ -160,8 +163,12 @@ def test_cli_restore_folder_keeps_depth_and_never_overwrites(tmp_path, photo, ca
 def test_cli_evaluate_writes_csv(tmp_path, photo, capsys):
   _write_pairs(tmp_path / 'pairs', photo)
   csv_path = tmp_path / 'metrics.csv'
-  assert main(['evaluate', '--weights', str(TINY), '--data', str(tmp_path / 'pairs'),
-               '--csv', str(csv_path)]) == 0
+  assert main([
+      'evaluate', '--weights',
+      str(TINY), '--data',
+      str(tmp_path / 'pairs'), '--csv',
+      str(csv_path)
+  ]) == 0
   assert '2 images: PSNR' in capsys.readouterr().out
   lines = csv_path.read_text().splitlines()
   assert lines[0] == 'name,psnr,ssim' and lines[-1].startswith('mean,') and len(lines) == 4
@@ -193,15 +200,25 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
   save_file({'conv.weight': np.zeros((2, 2), np.float32)}, str(foreign))
   Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / 'ok.png')
   cases = [
-      (['restore', '--weights', str(TINY), str(not_image), '--output', str(tmp_path / 'o1')],
-       'notes.png'),
-      (['restore', '--weights', str(TINY), str(empty), '--output', str(tmp_path / 'o2')],
-       'empty'),
-      (['restore', '--weights', str(TINY), str(tmp_path / 'ok.png'), '--output', str(a_file)],
-       'output folder is a file'),
-      (['restore', '--weights', str(foreign), str(tmp_path / 'ok.png'), '--output',
-        str(tmp_path / 'o3')], 'not an MPRNet state dict'),
-      (['evaluate', '--weights', str(TINY), '--data', str(empty)], 'input'),
+      (['restore', '--weights',
+        str(TINY),
+        str(not_image), '--output',
+        str(tmp_path / 'o1')], 'notes.png'),
+      (['restore', '--weights',
+        str(TINY), str(empty), '--output',
+        str(tmp_path / 'o2')], 'empty'),
+      (['restore', '--weights',
+        str(TINY),
+        str(tmp_path / 'ok.png'), '--output',
+        str(a_file)], 'output folder is a file'),
+      ([
+          'restore', '--weights',
+          str(foreign),
+          str(tmp_path / 'ok.png'), '--output',
+          str(tmp_path / 'o3')
+      ], 'not an MPRNet state dict'),
+      (['evaluate', '--weights', str(TINY), '--data',
+        str(empty)], 'input'),
       (['convert', str(not_image), str(tmp_path / 'x.safetensors')], 'notes.png'),
   ]
   for argv, expected in cases:
@@ -226,7 +243,7 @@ def test_image_above_the_memory_budget_is_tiled_before_running(restorer, photo, 
   monkeypatch.setattr(small, '_apply', counting)
   monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (64, 32))
   with pytest.warns(UserWarning, match=r'64x96 needs about .* budget on cpu; restoring in '
-                                       r'32-pixel tiles'):
+                    r'32-pixel tiles'):
     restored = small.restore_float(image)
   assert all(shape[1:3] == (32, 32) for shape in whole_calls)  # never the whole image
   from mprnet_jax import tiling

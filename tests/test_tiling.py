@@ -19,8 +19,13 @@ def _make_filter():
   @jax.jit
   def apply_fn(batch):
     return jax.lax.conv_general_dilated(
-      batch, kernel, (1, 1), 'SAME', dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-      feature_group_count=3, precision=jax.lax.Precision.HIGHEST,
+        batch,
+        kernel,
+        (1, 1),
+        'SAME',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=3,
+        precision=jax.lax.Precision.HIGHEST,
     )
 
   def counted(batch):
@@ -100,8 +105,8 @@ def test_blend_window_cross_fades():
 
 
 @pytest.mark.parametrize(
-  'tile, overlap, message',
-  [(60, 8, 'multiple of 8'), (0, 0, 'multiple of 8'), (64, 64, 'overlap'), (64, -1, 'overlap')],
+    'tile, overlap, message',
+    [(60, 8, 'multiple of 8'), (0, 0, 'multiple of 8'), (64, 64, 'overlap'), (64, -1, 'overlap')],
 )
 def test_bad_tiling_arguments_raise(photo, tile, overlap, message):
   apply_fn, _ = _make_filter()

@@ -71,13 +71,8 @@ def make_zip(path, pkl, storages=(), byteorder=b"little"):
 
 def make_legacy(path, main, keys=(), blobs=(), sysinfo=None):
   info = sysinfo or {
-      "protocol_version": 1001,
-      "little_endian": True,
-      "type_sizes": {
-          "short": 2,
-          "int": 4,
-          "long": 4
-      }
+      "protocol_version": 1001, "little_endian": True,
+      "type_sizes": {"short": 2, "int": 4, "long": 4}
   }
   parts = [
       pickle.dumps(MAGIC, 2),
@@ -262,7 +257,8 @@ def test_compressed_storage_larger_than_the_file_is_refused_unread(tmp_path):
     zf.writestr("ckpt/data.pkl", pkl)
     zf.writestr("ckpt/data/0", b"\0" * (8 << 20))  # 8 MiB of zeros, about 8 KiB deflated
   assert path.stat().st_size < (1 << 20)
-  with pytest.raises(CheckpointError, match=r"bomb.pth: storage 0 would expand the \d+-byte file past its own size"):
+  with pytest.raises(CheckpointError,
+                     match=r"bomb.pth: storage 0 would expand the \d+-byte file past its own size"):
     load_pth(path)
 
 
@@ -333,17 +329,10 @@ def _bad_files(tmp_path):
 
 def test_bad_files_give_one_line_checkpoint_errors(tmp_path):
   expect = {
-      "empty.pth": "empty",
-      "random.pth": "not a PyTorch checkpoint",
-      "image.png": "not a PyTorch checkpoint",
-      "nopkl.pth": "data.pkl",
-      "old_tar.pth": "tar",
-      "adir.pth": "directory",
-      "missing.pth": "no such file",
-      "trunc_legacy.pth": "truncated",
-      "trunc_legacy_pickle.pth": "truncated",
-      "trunc_zip.pth": "zip",
-      "trunc_zip_tail.pth": "zip"
+      "empty.pth": "empty", "random.pth": "not a PyTorch checkpoint",
+      "image.png": "not a PyTorch checkpoint", "nopkl.pth": "data.pkl", "old_tar.pth": "tar",
+      "adir.pth": "directory", "missing.pth": "no such file", "trunc_legacy.pth": "truncated",
+      "trunc_legacy_pickle.pth": "truncated", "trunc_zip.pth": "zip", "trunc_zip_tail.pth": "zip"
   }
   for name, path in _bad_files(tmp_path).items():
     with pytest.raises(CheckpointError) as e:
@@ -379,26 +368,10 @@ def test_save_load_round_trip_bit_identical(tmp_path):
       "b": shared_arr,
   }
   obj = {
-      "state_dict": sd,
-      "epoch": 12,
-      "best": 31.5,
-      "name": "mprnet \u00e9",
-      "none": None,
-      "flag": True,
-      "big": 2**70,
-      "neg": -5,
-      "np_int": np.int64(4),
-      "list": [1, [2.5, "x"]],
-      "tuple": (0.9, 0.999),
-      "optimizer": {
-          "state": {
-              0: {
-                  "step": np.array(3.0, np.float32)
-              }
-          },
-          "param_groups": [{
-              "params": [0, 1]
-          }]
+      "state_dict": sd, "epoch": 12, "best": 31.5, "name": "mprnet \u00e9", "none": None,
+      "flag": True, "big": 2**70, "neg": -5, "np_int": np.int64(4), "list": [1, [2.5, "x"]],
+      "tuple": (0.9, 0.999), "optimizer": {
+          "state": {0: {"step": np.array(3.0, np.float32)}}, "param_groups": [{"params": [0, 1]}]
       }
   }
   path = tmp_path / "out.pth"
@@ -411,16 +384,8 @@ def test_save_load_round_trip_bit_identical(tmp_path):
     assert np.ascontiguousarray(a, b.dtype).tobytes() == b.tobytes(), k
   rest = {k: v for k, v in got.items() if k not in ("state_dict", "optimizer")}
   assert rest == {
-      "epoch": 12,
-      "best": 31.5,
-      "name": "mprnet \u00e9",
-      "none": None,
-      "flag": True,
-      "big": 2**70,
-      "neg": -5,
-      "np_int": 4,
-      "list": [1, [2.5, "x"]],
-      "tuple": (0.9, 0.999)
+      "epoch": 12, "best": 31.5, "name": "mprnet \u00e9", "none": None, "flag": True, "big": 2**70,
+      "neg": -5, "np_int": 4, "list": [1, [2.5, "x"]], "tuple": (0.9, 0.999)
   }
   assert got["optimizer"]["state"][0]["step"] == 3.0
 

@@ -34,7 +34,7 @@ def make_config(task='deblurring', weight_decay=0.0, **overrides):
   config.optim.weight_decay = weight_decay
   config.optim.warmup_epochs = 0
   for name, value in overrides.items():
-    if isinstance(value, dict):   # a whole new sub-config (field types may change)
+    if isinstance(value, dict):  # a whole new sub-config (field types may change)
       config[name] = ml_collections.ConfigDict({**config[name].to_dict(), **value})
     else:
       setattr(config, name, value)
@@ -42,7 +42,9 @@ def make_config(task='deblurring', weight_decay=0.0, **overrides):
 
 
 def nhwc_batch(ref):
-  return {'input': ref['input'].transpose(0, 2, 3, 1), 'target': ref['target'].transpose(0, 2, 3, 1)}
+  return {
+      'input': ref['input'].transpose(0, 2, 3, 1), 'target': ref['target'].transpose(0, 2, 3, 1)
+  }
 
 
 def official_after(graphdef, params):
@@ -95,7 +97,8 @@ def check_losses_and_keys(run):
 def test_deblurring_adam_steps_match_official(deblur_run):
   run = deblur_run
   check_losses_and_keys(run)
-  np.testing.assert_allclose(run.metrics[0]['charbonnier_sum'], run.ref['charbonnier_sum'], rtol=1e-5)
+  np.testing.assert_allclose(run.metrics[0]['charbonnier_sum'], run.ref['charbonnier_sum'],
+                             rtol=1e-5)
   np.testing.assert_allclose(run.metrics[0]['edge_sum'], run.ref['edge_sum'], rtol=1e-5)
   assert (run.diff <= 1e-5).mean() >= 0.9999, (run.diff <= 1e-5).mean()
   assert run.diff.max() <= 1.2e-3, run.diff.max()
@@ -137,8 +140,8 @@ def test_nonfinite_step_is_skipped(deblur_run):
   assert float(metrics['nonfinite']) == 1.0
   assert (int(state.step), int(state.nonfinite), int(state.skipped_total)) == (1, 1, 1)
   after = jax.tree.map(np.asarray, (state.params, state.opt_state))
-  assert jax.tree.all(jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b),
-                                   before, after))
+  assert jax.tree.all(
+      jax.tree.map(lambda a, b: a.dtype == b.dtype and np.array_equal(a, b), before, after))
   check_nonfinite(state, run.config)  # 1 < max_nonfinite = 5: keep going
   with pytest.raises(FloatingPointError, match='non-finite'):
     check_nonfinite(state, make_config(max_nonfinite=1))
@@ -158,7 +161,7 @@ def test_eval_step_returns_clipped_final_stage(deblur_run):
   restored = make_eval_step(run.graphdef, run.config)(nnx.state(run.model, nnx.Param), inputs)
   assert restored.shape == inputs.shape and restored.dtype == jnp.float32
   expected = np.clip(ref['stage3_f64'].transpose(0, 2, 3, 1), 0.0, 1.0)
-  assert 0 < (expected == 1.0).mean() and 0 < (expected == 0.0).mean()   # clipping matters
+  assert 0 < (expected == 1.0).mean() and 0 < (expected == 0.0).mean()  # clipping matters
   np.testing.assert_allclose(restored, expected, atol=1e-4)
 
 
@@ -182,8 +185,8 @@ def official_schedule_per_epoch(base, eta_min, warmup, t_max, num_epochs):
       return eta_min + (base - eta_min) * (1 + math.cos(math.pi * cosine_epoch / t_max)) / 2
     return base * last_epoch / warmup
 
-  lr = step()        # the constructor's step
-  lr = step()        # train.py's scheduler.step() before the first epoch
+  lr = step()  # the constructor's step
+  lr = step()  # train.py's scheduler.step() before the first epoch
   for _ in range(num_epochs):
     lr_history.append(lr)
     lr = step()
@@ -196,8 +199,10 @@ def test_schedule_matches_official_per_epoch(num_epochs, extra):
   config = make_config(num_epochs=num_epochs)
   config.optim.warmup_epochs, config.optim.cosine_extra_epochs = 3, extra
   expected = official_schedule_per_epoch(2e-4, 1e-6, 3, num_epochs - 3 + extra, num_epochs)
-  np.testing.assert_allclose(expected[:5], [2e-4 / 3, 2e-4 * 2 / 3, 2e-4, 2e-4,
-                                            1e-6 + (2e-4 - 1e-6) * (1 + math.cos(math.pi / (num_epochs - 3 + extra))) / 2])
+  np.testing.assert_allclose(expected[:5], [
+      2e-4 / 3, 2e-4 * 2 / 3, 2e-4, 2e-4, 1e-6 + (2e-4 - 1e-6) *
+      (1 + math.cos(math.pi / (num_epochs - 3 + extra))) / 2
+  ])
   epoch_schedule = jax.jit(jax.vmap(learning_rate_schedule(config, steps_per_epoch)))
   steps = np.arange(num_epochs * steps_per_epoch)
   lrs = np.asarray(epoch_schedule(steps)).reshape(num_epochs, steps_per_epoch)
@@ -205,7 +210,7 @@ def test_schedule_matches_official_per_epoch(num_epochs, extra):
   config.optim.schedule_unit = 'step'
   step_schedule = jax.jit(jax.vmap(learning_rate_schedule(config, steps_per_epoch)))
   per_step = np.asarray(step_schedule(steps)).reshape(num_epochs, steps_per_epoch)
-  np.testing.assert_allclose(per_step[:, 0], expected, rtol=1e-5)   # agree at epoch starts
+  np.testing.assert_allclose(per_step[:, 0], expected, rtol=1e-5)  # agree at epoch starts
   assert np.all(np.diff(per_step.ravel()[3 * steps_per_epoch:]) <= 0)  # smooth decay after
 
 
@@ -225,15 +230,18 @@ def bf16_mixup_run():
   model = MPRNet(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=1, rngs=nnx.Rngs(3))
   graphdef, state = create_train_state(model, config, steps_per_epoch=1, seed=0)
   rng = np.random.default_rng(1)
-  batch = {'input': rng.random((4, 32, 32, 3), dtype=np.float32),
-           'target': rng.random((4, 32, 32, 3), dtype=np.float32) ** 3}
+  batch = {
+      'input': rng.random((4, 32, 32, 3), dtype=np.float32), 'target': rng.random(
+          (4, 32, 32, 3), dtype=np.float32)**3
+  }
   return config, graphdef, state, make_train_step(graphdef, config, steps_per_epoch=1), batch
 
 
 def test_bfloat16_step_keeps_float32_params(bf16_mixup_run):
   config, graphdef, state, step, batch = bf16_mixup_run
-  assert any(getattr(m, 'dtype', None) == jnp.bfloat16 for _, m in nnx.iter_graph(
-      nnx.merge(graphdef, state.params)))
+  assert any(
+      getattr(m, 'dtype', None) == jnp.bfloat16
+      for _, m in nnx.iter_graph(nnx.merge(graphdef, state.params)))
   before = jax.tree.map(np.asarray, state.params)
   new_state, metrics = step(jax.tree.map(jnp.copy, state), batch, jax.random.key(10))
   assert np.isfinite(float(metrics['loss'])) and float(metrics['nonfinite']) == 0.0
@@ -251,9 +259,9 @@ def test_mixup_only_from_start_epoch(bf16_mixup_run):
     return float(step(start, data, key)[1]['loss'])
 
   plain = loss_at(0, key_a)
-  assert plain == loss_at(0, key_b)          # epoch 0: no MixUp, the key is unused
+  assert plain == loss_at(0, key_b)  # epoch 0: no MixUp, the key is unused
   mixed_a, mixed_b = loss_at(1, key_a), loss_at(1, key_b)
-  assert mixed_a != mixed_b                  # epoch 1: MixUp, drawn from the key
+  assert mixed_a != mixed_b  # epoch 1: MixUp, drawn from the key
   assert abs(mixed_a - plain) > 1e-3
   # ... and it is exactly MixUp of the batch with the key folded with the step.
   inputs, targets = mixup(jax.random.fold_in(key_a, 1), jnp.asarray(batch['input']),

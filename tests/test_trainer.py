@@ -65,8 +65,7 @@ def test_resume_continues_the_same_trajectory(full_run, tmp_path, capsys):
   assert np.ptp(list(expected.values())) > 1e-2
   np.testing.assert_allclose([got[s] for s in range(1, 7)], [expected[s] for s in range(1, 7)],
                              rtol=0, atol=1e-6)
-  chex_leaves = zip(jax.tree.leaves(resumed['state'].params),
-                    jax.tree.leaves(full['state'].params))
+  chex_leaves = zip(jax.tree.leaves(resumed['state'].params), jax.tree.leaves(full['state'].params))
   for a, b in chex_leaves:
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-6)
 
@@ -78,8 +77,10 @@ def copy_run(source, destination) -> Path:
 
 def params_data_files(checkpoint: Path) -> list[Path]:
   """The files holding the parameter arrays' bytes (not orbax's metadata or manifests)."""
-  files = [p for p in (checkpoint / 'params').rglob('*')
-           if p.is_file() and 'ocdbt.process_' in str(p) and p.parent.name == 'd']
+  files = [
+      p for p in (checkpoint / 'params').rglob('*')
+      if p.is_file() and 'ocdbt.process_' in str(p) and p.parent.name == 'd'
+  ]
   assert files
   return sorted(files, key=lambda p: p.stat().st_size)
 
@@ -150,8 +151,9 @@ def test_checkpoints_from_before_checksums_and_path_fingerprints_still_load(full
     if path.parts[-3] == '6':  # the fingerprint of a treedef printed by another flax or optax
       config['state_layout'] = '0123456789abcdef'
     path.write_text(json.dumps(config))  # the others: no fingerprint at all
-  expected = {step: TrainCheckpointer(source).restore_step(step, target_state())[0]
-              for step in (4, 6)}
+  expected = {
+      step: TrainCheckpointer(source).restore_step(step, target_state())[0] for step in (4, 6)
+  }
   checkpointer = TrainCheckpointer(workdir)
   for step in (6, 4):
     state, _, restored_step = checkpointer.restore_latest(target_state())
@@ -193,7 +195,7 @@ def test_truncated_best_checkpoint_falls_back_to_an_older_one(full_run, tmp_path
     (lambda c: c['model'].update(n_feat=16), 'do not match its parameters'),
 ])
 def test_stored_model_sizes_are_checked_before_building(full_run, tmp_path, monkeypatch, edit,
-                                                         message):
+                                                        message):
   from mprnet_jax import model as model_lib
   from mprnet_jax.errors import CheckpointError
   source, _ = full_run
@@ -263,8 +265,11 @@ def test_nan_weights_stop_training_at_once(full_run, tmp_path, monkeypatch, caps
     return model
 
   monkeypatch.setattr(trainer_lib, 'build_model', nan_model)
-  argv = ['train', '--config', str(EXPERIMENTS / 'smoke.py'), '--workdir', str(tmp_path),
-          '--config.num_steps=6']
+  argv = [
+      'train', '--config',
+      str(EXPERIMENTS / 'smoke.py'), '--workdir',
+      str(tmp_path), '--config.num_steps=6'
+  ]
   assert main(argv) == 2
   err = capsys.readouterr().err.replace('\r', '\n').strip().splitlines()
   assert err[-1].startswith('mprnet train: error: training stopped at step 3: each of the first '
@@ -286,8 +291,8 @@ def test_run_leaves_metrics_events_pictures_and_config(full_run):
   for png in [workdir / 'curves.png', *(workdir / 'images').glob('val_*.png')]:
     with open(png, 'rb') as f:
       assert f.read(8) == b'\x89PNG\r\n\x1a\n'
-  assert sorted(p.name for p in (workdir / 'images').glob('*.png')) == [
-      'val_0000003.png', 'val_0000006.png']
+  assert sorted(
+      p.name for p in (workdir / 'images').glob('*.png')) == ['val_0000003.png', 'val_0000006.png']
   config = json.loads((workdir / 'config.json').read_text())
   assert config['model']['n_feat'] == 8 and config['num_steps'] == 6
 
@@ -384,8 +389,12 @@ def test_double_ctrl_c_during_a_save_exits_in_one_line(tmp_path, capfd, monkeypa
 
   slow_orbax_commits(monkeypatch, 2.0)
   threading.Thread(target=press_ctrl_c_twice, daemon=True).start()
-  argv = ['train', '--config', str(EXPERIMENTS / 'smoke.py'), '--workdir', str(tmp_path),
-          '--config.num_steps=200', '--config.eval_every=1000', '--config.checkpoint_every=1000']
+  argv = [
+      'train', '--config',
+      str(EXPERIMENTS / 'smoke.py'), '--workdir',
+      str(tmp_path), '--config.num_steps=200', '--config.eval_every=1000',
+      '--config.checkpoint_every=1000'
+  ]
   assert main(argv) == 130
   out, err = capfd.readouterr()
   assert 'saved a checkpoint' not in out
@@ -419,21 +428,26 @@ def test_image_grid_and_pillow_curves(tmp_path):
 
 
 @pytest.mark.parametrize('name,values', [
-    ('deblur_gopro', {'task': 'deblurring', 'optim.lr': 2e-4, 'batch_size': 16,
-                      'data.patch_size': 256, 'num_epochs': 3000, 'optim.warmup_epochs': 3,
-                      'optim.min_lr': 1e-6, 'optim.weight_decay': 0.0,
-                      'mixup_start_epoch': None, 'data.augment': 'deblur',
-                      'model.task_preset': 'deblurring', 'data.train_dir': 'datasets/GoPro/train'}),
-    ('derain_rain13k', {'task': 'deraining', 'optim.lr': 2e-4, 'batch_size': 16,
-                        'data.patch_size': 256, 'num_epochs': 250, 'data.augment': 'plain',
-                        'model.task_preset': 'deraining'}),
-    ('denoise_sidd', {'task': 'denoising', 'optim.lr': 2e-4, 'batch_size': 16,
-                      'data.patch_size': 128, 'num_epochs': 80, 'optim.weight_decay': 1e-8,
-                      'optim.cosine_extra_epochs': 40, 'mixup_start_epoch': 5,
-                      'optim.b1': 0.9, 'optim.b2': 0.999, 'optim.eps': 1e-8,
-                      'model.task_preset': 'denoising'}),
-    ('default', {'task': 'denoising', 'data.kind': 'synthetic', 'mixup_start_epoch': None,
-                 'optim.schedule_unit': 'step', 'model.num_cab': 1}),
+    ('deblur_gopro', {
+        'task': 'deblurring', 'optim.lr': 2e-4, 'batch_size': 16, 'data.patch_size': 256,
+        'num_epochs': 3000, 'optim.warmup_epochs': 3, 'optim.min_lr': 1e-6, 'optim.weight_decay':
+            0.0, 'mixup_start_epoch': None, 'data.augment': 'deblur',
+        'model.task_preset': 'deblurring', 'data.train_dir': 'datasets/GoPro/train'
+    }),
+    ('derain_rain13k', {
+        'task': 'deraining', 'optim.lr': 2e-4, 'batch_size': 16, 'data.patch_size': 256,
+        'num_epochs': 250, 'data.augment': 'plain', 'model.task_preset': 'deraining'
+    }),
+    ('denoise_sidd', {
+        'task': 'denoising', 'optim.lr': 2e-4, 'batch_size': 16, 'data.patch_size': 128,
+        'num_epochs': 80, 'optim.weight_decay': 1e-8, 'optim.cosine_extra_epochs':
+            40, 'mixup_start_epoch': 5, 'optim.b1': 0.9, 'optim.b2': 0.999, 'optim.eps': 1e-8,
+        'model.task_preset': 'denoising'
+    }),
+    ('default', {
+        'task': 'denoising', 'data.kind': 'synthetic', 'mixup_start_epoch': None,
+        'optim.schedule_unit': 'step', 'model.num_cab': 1
+    }),
     ('smoke', {'model.n_feat': 8, 'data.patch_size': 32}),
 ])
 def test_experiment_configs(name, values):
@@ -473,8 +487,11 @@ def test_overrides_are_type_checked():
 
 def test_cli_train_runs_an_experiment_and_resumes(tmp_path, capsys):
   from mprnet_jax.cli import main
-  argv = ['train', '--config', str(EXPERIMENTS / 'smoke.py'), '--workdir', str(tmp_path),
-          '--config.num_steps=2']
+  argv = [
+      'train', '--config',
+      str(EXPERIMENTS / 'smoke.py'), '--workdir',
+      str(tmp_path), '--config.num_steps=2'
+  ]
   assert main(argv) == 0
   summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert summary['step'] == 2 and np.isfinite(summary['loss'])
