@@ -163,6 +163,10 @@ def _same_size(images: list[np.ndarray]) -> np.ndarray:
 
 
 def _enable_compilation_cache() -> None:
+  # XLA:CPU over several (simulated) devices: a sharded step read back from the cache can
+  # deadlock in its collectives (seen with MixUp, jax 0.12.0.1), so there it stays off.
+  if jax.default_backend() == 'cpu' and jax.device_count() > 1:
+    return
   if jax.config.jax_compilation_cache_dir is None:
     cache = os.environ.get('MPRNET_JAX_CACHE', os.path.expanduser('~/.cache/mprnet_jax/xla'))
     jax.config.update('jax_compilation_cache_dir', cache)
