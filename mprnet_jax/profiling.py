@@ -331,9 +331,17 @@ def kernel_times(xplane_path: str) -> dict:
   """Time per HLO op of every XLA kernel in a trace, per module:
   {'backend': 'gpu'|'cpu', 'modules': {module: {op: [ns, kernels]}}, 'unnamed': {kernel: [ns,
   count]}}. On the CPU, an op's time is its own (nested ops on the same thread subtracted)."""
+  import warnings
+
   import jax
 
-  data = jax.profiler.ProfileData.from_file(xplane_path)
+  with warnings.catch_warnings():
+    # nanobind's stats type warns about its missing __module__ on first use; not ours to fix
+    warnings.simplefilter('ignore', DeprecationWarning)
+    return _kernel_times(jax.profiler.ProfileData.from_file(xplane_path))
+
+
+def _kernel_times(data) -> dict:
   modules = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
   unnamed = collections.defaultdict(lambda: [0.0, 0])
   device_planes = [p for p in data.planes if p.name.startswith('/device:')]

@@ -114,3 +114,42 @@ def test_gpu_style_hlo_convolutions_are_classified_with_their_flops():
   assert report['classes']['convolution']['ms'] == pytest.approx(5.0)
   assert report['classes']['copy/transpose']['ms'] == pytest.approx(2.0)
   assert report['classes']['convolution']['flops'] == 2 * flops
+
+
+def test_lever_rows_pass_autotune_cache_and_level_to_xla(tmp_path, monkeypatch):
+  """The cold-compile levers reach the row's process as XLA flags (nothing is run here)."""
+  import subprocess
+  from mprnet_jax import benchmark
+
+  seen = []
+
+  def fake_run(argv, env, **kwargs):
+    seen.append((argv, env))
+    return subprocess.CompletedProcess(argv, 0, stdout='{"summary": "ok"}\n', stderr='')
+
+  monkeypatch.setattr(benchmark.subprocess, 'run', fake_run)
+  monkeypatch.delenv('XLA_FLAGS', raising=False)
+  rows = (dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none',
+               fresh_cache=True, autotune_cache='shared'),
+          dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none',
+               autotune_cache='mine', autotune_level=1),
+          dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none'))
+  monkeypatch.setitem(benchmark.SUITES, 'levers', rows)
+  cache = str(tmp_path / 'cache')
+  results = benchmark.run_suite(str(tmp_path / 'out.jsonl'), cache_dir=cache, suite='levers')
+  shared_dir = f'{cache}/xla_gpu_per_fusion_autotune_cache_dir'
+  assert seen[0][1]['XLA_FLAGS'] == f'--xla_gpu_per_fusion_autotune_cache_dir={shared_dir}'
+  assert seen[0][1]['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] == 'none'
+  assert seen[0][0][seen[0][0].index('--cache-dir') + 1] != cache  # a fresh compilation cache
+  flags = seen[1][1]['XLA_FLAGS'].split()
+  assert flags[0] == '--xla_gpu_autotune_level=1'
+  assert flags[1].startswith('--xla_gpu_per_fusion_autotune_cache_dir=')
+  assert flags[1].endswith('/autotune-mine') and results[1]['autotune_cache_dir'].endswith(
+      '/autotune-mine')
+  assert 'XLA_FLAGS' not in seen[2][1] and 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in seen[2][1]
+  assert seen[2][0][seen[2][0].index('--cache-dir') + 1] == cache
+  # The real suite has both levers.
+  real = benchmark.LEVER_SUITE
+  assert any(r.get('autotune_cache') for r in real) and any(
+      r.get('autotune_level') is not None or 'autotune_level' in r.get('xla_flags', '')
+      for r in real)
