@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU measurements still owed by the speed work (issue #11), in one device call of under ten
-# minutes on an H200 (about 8; a time budget, BUDGET_S=570 by default, stops it short of the
-# call's limit, keeping every finished result):
+# minutes on an H200 (estimated at about 8, not yet run there; a time budget, BUDGET_S=570 by
+# default, stops it short of the call's limit, keeping every finished result):
 #   1. the profile (convert/profile_step.py): a bf16 training step of the deblurring model,
 #      batch 16, 256², and a 720x1280 bf16 inference, traced with jax.profiler and reduced to
 #      the table of kernel classes: profile.md, profile.json;
