@@ -60,14 +60,16 @@ if [ "$profile" = 1 ]; then
   limit=$(( $(left) < 240 ? $(left) : 240 ))
   echo "== profile (limit ${limit} s)" | tee -a "$log"
   timeout "$limit" python3 convert/profile_step.py --out "$out" --trace-dir "$traces" \
-    --cache-dir "$cache" ${SMOKE:+--smoke} 2>&1 | tee -a "$log" || echo "profile: exit $?" | tee -a "$log"
+    --cache-dir "$cache" ${SMOKE:+--smoke} 2>&1 | tee -a "$log" \
+    || echo "profile: exit $?" | tee -a "$log"
 fi
 
 if [ "$(left)" -gt 30 ]; then
   echo "== suite $suite (limit $(left) s)" | tee -a "$log"
   timeout "$(left)" python3 -m mprnet_jax.cli benchmark --suite "$out/$suite.jsonl" \
     --suite-rows "$suite" --steps 10 --warmup 2 --cache-dir "$cache" ${SMOKE:+--smoke} \
-    2>&1 | tee -a "$log" || echo "suite: exit $? (rows finished are in $suite.jsonl)" | tee -a "$log"
+    2>&1 | tee -a "$log" \
+    || echo "suite: exit $? (the rows finished are in $suite.jsonl)" | tee -a "$log"
 else
   echo "== suite $suite skipped: out of time" | tee -a "$log"
 fi

@@ -147,8 +147,9 @@ def main(argv=None) -> int:
         trace_dir=os.path.join(trace_root, part), peak_tflops=args.peak_tflops,
         bandwidth_tbs=args.bandwidth_tbs)
     reports[part] = report
-    title = (f'{part}, {report["dtype"]}, batch {report["batch"]}, {report["size"]}'
-             f'{", remat " + report["remat"] if train else ""}{", smoke model" if args.smoke else ""}'
+    remat = f', remat {report["remat"]}' if train else ''
+    smoke = ', smoke model' if args.smoke else ''
+    title = (f'{part}, {report["dtype"]}, batch {report["batch"]}, {report["size"]}{remat}{smoke}'
              f' on {report["device"]} (jax {report["jax"]}; compile {report["compile_s"]} s)')
     section = profiling.markdown(report, title)
     sections.append(section)

@@ -1,15 +1,17 @@
 """Where the time of a jitted step goes: a `jax.profiler` trace reduced to kernel classes.
 
-`jax.profiler.trace(dir)` writes `dir/plugins/profile/RUN/HOST.xplane.pb` (an XSpace protobuf);
-`jax.profiler.ProfileData.from_file` reads it in jax 0.11 and 0.12 alike, without TensorBoard or
-xprof. Every kernel of an XLA program carries an `hlo_op` stat naming the HLO instruction it runs
-(and `hlo_module`): on the GPU on the device plane's `Stream #N` lines (CUPTI), on the CPU on the
-host threads of `/host:CPU`. The optimised HLO of the same executable (`compiled.as_text()`)
-says what each instruction is: a convolution (its shapes, hence its FLOPs), a loop or reduction
-fusion, a copy or transpose, or work traced from optax (the optimiser, from the HLO's stack
-frames). Joining the two gives the time per class, its share of the step, and the floor each
-class would have at the card's FLOP peak or memory bandwidth (the larger of FLOPs / peak and the
-bytes its operands and results occupy / bandwidth: a lower bound, every byte moved once).
+`jax.profiler.trace(dir)` writes `dir/plugins/profile/RUN/HOST.xplane.pb` (an XSpace protobuf)
+and `HOST.trace.json.gz` (the same events in Chrome's trace format);
+`jax.profiler.ProfileData.from_file` reads the first without TensorBoard or xprof, and where a
+jax lacks it the second is read instead. Every kernel of an XLA program carries an `hlo_op`
+stat naming the HLO instruction it runs (and `hlo_module`): on the GPU on the device plane's
+`Stream #N` lines (CUPTI), on the CPU on the host threads of `/host:CPU`. The optimised HLO of
+the same executable (`compiled.as_text()`) says what each instruction is: a convolution (its
+shapes, hence its FLOPs), a loop or reduction fusion, a copy or transpose, or work traced from
+optax (the optimiser, from the HLO's stack frames). Joining the two gives the time per class,
+its share of the step, and the floor each class would have at the card's FLOP peak or memory
+bandwidth (the larger of FLOPs / peak and the bytes its operands and results occupy /
+bandwidth: a lower bound, every byte moved once).
 
 Classification is by HLO opcode and fusion body, not by kernel names, so it holds on any
 backend; on the CPU the kernels are XLA:CPU's (bf16 convolutions run in float32 there), so a CPU
@@ -28,8 +30,7 @@ import re
 CLASSES = ('convolution', 'matmul', 'loop fusion', 'reduction fusion', 'copy/transpose',
            'optimiser', 'other')
 
-# Bytes per element of the HLO element types (sub-byte types rounded up to a byte is wrong, so
-# they are halved explicitly).
+# Bytes per element of the HLO element types (4- and 2-bit types as fractions, not a byte).
 _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
                 'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
                 's4': 0.5, 'u4': 0.5, 's2': 0.25, 'u2': 0.25}
@@ -319,18 +320,18 @@ def _dot_flops(dot: _Inst, shapes: dict[str, str]) -> float:
   return 2.0 * n * k
 
 
-def latest_xplane(log_dir: str) -> str:
-  """The newest `*.xplane.pb` that `jax.profiler.trace(log_dir)` wrote."""
-  found = glob.glob(os.path.join(log_dir, 'plugins', 'profile', '*', '*.xplane.pb'))
-  if not found:
-    raise FileNotFoundError(f'no *.xplane.pb under {log_dir}/plugins/profile')
-  return max(found, key=os.path.getmtime)
+def latest_trace(log_dir: str) -> str:
+  """The newest trace that `jax.profiler.trace(log_dir)` wrote: its `*.xplane.pb`, or where
+  only the Chrome-format `*.trace.json.gz` is there, that."""
+  for pattern in ('*.xplane.pb', '*.trace.json.gz'):
+    found = glob.glob(os.path.join(log_dir, 'plugins', 'profile', '*', pattern))
+    if found:
+      return max(found, key=os.path.getmtime)
+  raise FileNotFoundError(f'no *.xplane.pb or *.trace.json.gz under {log_dir}/plugins/profile')
 
 
-def kernel_times(xplane_path: str) -> dict:
-  """Time per HLO op of every XLA kernel in a trace, per module:
-  {'backend': 'gpu'|'cpu', 'modules': {module: {op: [ns, kernels]}}, 'unnamed': {kernel: [ns,
-  count]}}. On the CPU, an op's time is its own (nested ops on the same thread subtracted)."""
+def _planes_from_xplane(path: str):
+  """[(plane, [(line, [(name, start_ns, duration_ns, stats)])])] of an XSpace file."""
   import warnings
 
   import jax
@@ -338,46 +339,74 @@ def kernel_times(xplane_path: str) -> dict:
   with warnings.catch_warnings():
     # nanobind's stats type warns about its missing __module__ on first use; not ours to fix
     warnings.simplefilter('ignore', DeprecationWarning)
-    return _kernel_times(jax.profiler.ProfileData.from_file(xplane_path))
+    data = jax.profiler.ProfileData.from_file(path)
+    return [(plane.name, [(line.name, [(e.name, e.start_ns, e.duration_ns, dict(e.stats))
+                                       for e in line.events]) for line in plane.lines])
+            for plane in data.planes]
 
 
-def _kernel_times(data) -> dict:
+def _planes_from_json(path: str):
+  """The same from a Chrome-format trace (`*.trace.json.gz`; times in microseconds)."""
+  import gzip
+
+  with gzip.open(path, 'rt') as f:
+    events = json.load(f)['traceEvents']
+  processes, threads = {}, {}
+  for e in events:
+    if e.get('ph') == 'M' and e.get('name') == 'process_name':
+      processes[e['pid']] = e['args']['name']
+    elif e.get('ph') == 'M' and e.get('name') == 'thread_name':
+      threads[(e['pid'], e['tid'])] = e['args']['name']
+  lines = collections.defaultdict(list)
+  for e in events:
+    if e.get('ph') == 'X':
+      lines[(e['pid'], e.get('tid'))].append(
+          (e.get('name', ''), 1e3 * e['ts'], 1e3 * e.get('dur', 0.0), e.get('args', {})))
+  planes = collections.defaultdict(list)
+  for (pid, tid), line_events in lines.items():
+    planes[processes.get(pid, str(pid))].append((threads.get((pid, tid), str(tid)), line_events))
+  return list(planes.items())
+
+
+def kernel_times(trace_path: str) -> dict:
+  """Time per HLO op of every XLA kernel in a trace (`.xplane.pb` or `.trace.json.gz`), per
+  module: {'backend': 'gpu'|'cpu', 'modules': {module: {op: [ns, kernels]}}, 'unnamed':
+  {kernel: [ns, count]}}. On the CPU, an op's time is its own (nested ops on the same thread
+  subtracted)."""
+  reader = _planes_from_json if trace_path.endswith('.json.gz') else _planes_from_xplane
+  return _kernel_times(reader(trace_path))
+
+
+def _kernel_times(planes) -> dict:
   modules = collections.defaultdict(lambda: collections.defaultdict(lambda: [0.0, 0]))
   unnamed = collections.defaultdict(lambda: [0.0, 0])
-  device_planes = [p for p in data.planes if p.name.startswith('/device:')]
   device_events = []
-  for plane in device_planes:
-    lines = list(plane.lines)
-    raw = [l for l in lines if l.name.startswith('Stream #')]
+  for plane, lines in planes:
+    if not plane.startswith('/device:'):
+      continue
+    raw = [events for name, events in lines if name.startswith('Stream #')]
     # 'XLA Ops' is derived from the stream lines where a converter added it: never both.
-    for line in raw or [l for l in lines if l.name == 'XLA Ops']:
-      device_events += list(line.events)
+    for events in raw or [events for name, events in lines if name == 'XLA Ops']:
+      device_events += events
   if device_events:
     backend = 'gpu'
-    for event in device_events:
-      stats = dict(event.stats)
+    for name, _, duration, stats in device_events:
       op = _op_name(stats.get('hlo_op'))
-      if op:
-        entry = modules[str(stats.get('hlo_module', ''))][op]
-        entry[0] += event.duration_ns
-        entry[1] += 1
-      else:  # memcpy/memset and kernels launched outside XLA's annotations
-        entry = unnamed[event.name]
-        entry[0] += event.duration_ns
-        entry[1] += 1
+      # memcpy/memset and kernels launched outside XLA's annotations go by kernel name
+      entry = modules[str(stats.get('hlo_module', ''))][op] if op else unnamed[name]
+      entry[0] += duration
+      entry[1] += 1
   else:
     backend = 'cpu'
-    for plane in data.planes:
-      if not plane.name.startswith('/host:CPU'):
+    for plane, lines in planes:
+      if not plane.startswith('/host:CPU'):
         continue
-      for line in plane.lines:
+      for _, events in lines:
         spans = []
-        for event in line.events:
-          stats = dict(event.stats)
+        for _, start, duration, stats in events:
           op = _op_name(stats.get('hlo_op'))
           if op:
-            spans.append((event.start_ns, event.start_ns + event.duration_ns, op,
-                          str(stats.get('hlo_module', ''))))
+            spans.append((start, start + duration, op, str(stats.get('hlo_module', ''))))
         for op, module, own in _self_times(spans):
           entry = modules[module][op]
           entry[0] += own
@@ -535,10 +564,16 @@ def profile_report(log_dir: str, hlo_text: str, *, steps: int, peak_tflops: floa
                    bandwidth_tbs: float = 4.8, step_ms: float | None = None) -> dict:
   """`reduce_profile` of the newest trace under `log_dir` against the executable's HLO."""
   module, ops = parse_hlo(hlo_text)
-  times = kernel_times(latest_xplane(log_dir))
+  trace = latest_trace(log_dir)
+  try:
+    times = kernel_times(trace)
+  except (AttributeError, ImportError):  # a jax without ProfileData: its Chrome trace instead
+    trace = max(glob.glob(os.path.join(os.path.dirname(trace), '*.trace.json.gz')),
+                key=os.path.getmtime)
+    times = kernel_times(trace)
   report = reduce_profile(times, module, ops, steps=steps, peak_tflops=peak_tflops,
                           bandwidth_tbs=bandwidth_tbs, step_ms=step_ms)
-  report['trace'] = latest_xplane(log_dir)
+  report['trace'] = trace
   return report
 
 

@@ -146,10 +146,28 @@ def test_lever_rows_pass_autotune_cache_and_level_to_xla(tmp_path, monkeypatch):
   assert flags[1].startswith('--xla_gpu_per_fusion_autotune_cache_dir=')
   assert flags[1].endswith('/autotune-mine') and results[1]['autotune_cache_dir'].endswith(
       '/autotune-mine')
-  assert 'XLA_FLAGS' not in seen[2][1] and 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in seen[2][1]
+  assert 'XLA_FLAGS' not in seen[2][1]
+  assert 'JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES' not in seen[2][1]
   assert seen[2][0][seen[2][0].index('--cache-dir') + 1] == cache
   # The real suite has both levers.
   real = benchmark.LEVER_SUITE
   assert any(r.get('autotune_cache') for r in real) and any(
       r.get('autotune_level') is not None or 'autotune_level' in r.get('xla_flags', '')
       for r in real)
+
+
+def test_xplane_and_chrome_trace_give_the_same_kernel_times(traced):
+  import glob
+  import os
+
+  log_dir = traced[0]
+  xplane = profiling.latest_trace(log_dir)
+  assert xplane.endswith('.xplane.pb')
+  chrome, = glob.glob(os.path.join(os.path.dirname(xplane), '*.trace.json.gz'))
+  a, b = profiling.kernel_times(xplane), profiling.kernel_times(chrome)
+  assert a['backend'] == b['backend'] == 'cpu' and set(a['modules']) == set(b['modules'])
+  for module, ops in a['modules'].items():
+    assert set(ops) == set(b['modules'][module])
+    for op, (ns, count) in ops.items():
+      assert b['modules'][module][op][1] == count
+      assert b['modules'][module][op][0] == pytest.approx(ns, rel=1e-3, abs=5)
