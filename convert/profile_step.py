@@ -52,11 +52,12 @@ def _build(mode: str, *, dtype: str, batch: int, size: str, remat: str, smoke: b
     graphdef, state = create_train_state(model, config, steps_per_epoch=1000, seed=0)
     step = make_train_step(graphdef, config, steps_per_epoch=1000, parallel='none')
     batch_arrays = {'input': inputs, 'target': jax.random.uniform(keys[1], shape, jnp.float32)}
-    compiled = step.lower(state, batch_arrays, keys[1]).compile()
+    rng = keys[1]  # indexed once: `keys[1]` in the loop would run two tiny programs per step
+    compiled = step.lower(state, batch_arrays, rng).compile()
     holder = {'state': state}
 
     def call():
-      holder['state'], metrics = compiled(holder['state'], batch_arrays, keys[1])
+      holder['state'], metrics = compiled(holder['state'], batch_arrays, rng)
       return metrics['loss']
   else:
     graphdef, params = nnx.split(model)
@@ -96,6 +97,11 @@ def profile_part(mode: str, *, dtype: str, batch: int, size: str, remat: str, sm
   report = profiling.profile_report(trace_dir, compiled.as_text(), steps=steps,
                                     peak_tflops=peak_tflops, bandwidth_tbs=bandwidth_tbs,
                                     step_ms=step_ms)
+  if jax.default_backend() != 'cpu' and report['backend'] == 'cpu':
+    # No device kernels in the trace (a profiler without CUPTI, say): what is left are the host
+    # threads' spans, launches rather than kernel times.
+    report['warning'] = (f'no {jax.default_backend()} kernels in the trace: these are host-side '
+                         'spans, not kernel times')
   height, width = _parse_size(size)
   report.update(mode=mode, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
                 smoke=smoke, compile_s=round(compile_s, 2), first_run_s=round(first_s, 3),

@@ -331,18 +331,27 @@ def latest_trace(log_dir: str) -> str:
 
 
 def _planes_from_xplane(path: str):
-  """[(plane, [(line, [(name, start_ns, duration_ns, stats)])])] of an XSpace file."""
+  """[(plane, [(line, [(name, start_ns, duration_ns, stats)])])] of an XSpace file; only the
+  device planes, or where they hold no events, the host CPU's (a GPU trace's host threads hold
+  many events it does not need)."""
   import warnings
 
   import jax
+
+  def read(planes):
+    return [(plane.name, [(line.name, [(e.name, e.start_ns, e.duration_ns, dict(e.stats))
+                                       for e in line.events]) for line in plane.lines])
+            for plane in planes]
 
   with warnings.catch_warnings():
     # nanobind's stats type warns about its missing __module__ on first use; not ours to fix
     warnings.simplefilter('ignore', DeprecationWarning)
     data = jax.profiler.ProfileData.from_file(path)
-    return [(plane.name, [(line.name, [(e.name, e.start_ns, e.duration_ns, dict(e.stats))
-                                       for e in line.events]) for line in plane.lines])
-            for plane in data.planes]
+    planes = list(data.planes)
+    device = read(p for p in planes if p.name.startswith('/device:'))
+    if any(events for _, lines in device for _, events in lines):
+      return device
+    return read(p for p in planes if p.name.startswith('/host:CPU'))
 
 
 def _planes_from_json(path: str):
@@ -533,13 +542,15 @@ def markdown(report: dict, title: str = '') -> str:
   if report.get('step_ms'):
     busy = (f', step {report["step_ms"]:.2f} ms wall (kernels busy '
             f'{100 * report["kernel_ms_per_step"] / report["step_ms"]:.0f}% of it)')
-  lines = [f'**{title or report["module"]}** ({report["backend"]}, {report["steps"]} profiled '
-           f'steps; kernel time {report["kernel_ms_per_step"]:.2f} ms per step{busy}; '
-           f'floor at {report["peak_tflops"]:g} TFLOP/s and {report["bandwidth_tbs"]:g} TB/s: '
-           f'{report["floor_ms_per_step"]:.2f} ms)', '',
-           '| class | ms / step | share | kernels / step | GFLOP / step | GB / step | '
-           'floor at peak (ms) | time / floor |',
-           '| --- | --- | --- | --- | --- | --- | --- | --- |']
+  warning = [f'> {report["warning"]}', ''] if report.get('warning') else []
+  lines = warning + [
+      f'**{title or report["module"]}** ({report["backend"]}, {report["steps"]} profiled '
+      f'steps; kernel time {report["kernel_ms_per_step"]:.2f} ms per step{busy}; '
+      f'floor at {report["peak_tflops"]:g} TFLOP/s and {report["bandwidth_tbs"]:g} TB/s: '
+      f'{report["floor_ms_per_step"]:.2f} ms)', '',
+      '| class | ms / step | share | kernels / step | GFLOP / step | GB / step | '
+      'floor at peak (ms) | time / floor |',
+      '| --- | --- | --- | --- | --- | --- | --- | --- |']
   for name, row in report['classes'].items():
     if not row['ms'] and not row['kernels']:
       continue
