@@ -20,7 +20,6 @@ The model and step are `mprnet benchmark`'s (same config, same construction), so
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -66,6 +65,7 @@ def _build(mode: str, *, dtype: str, batch: int, size: str, remat: str, smoke: b
 
     def call():
       return compiled(params, inputs)
+
   return compiled, call, time.perf_counter() - start
 
 
@@ -105,8 +105,8 @@ def profile_part(mode: str, *, dtype: str, batch: int, size: str, remat: str, sm
   height, width = _parse_size(size)
   report.update(mode=mode, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
                 smoke=smoke, compile_s=round(compile_s, 2), first_run_s=round(first_s, 3),
-                traced_step_ms=round(1e3 * statistics.median(traced), 3),
-                device=jax.devices()[0].device_kind, jax=jax.__version__)
+                traced_step_ms=round(1e3 * statistics.median(traced),
+                                     3), device=jax.devices()[0].device_kind, jax=jax.__version__)
   return report
 
 
@@ -128,9 +128,10 @@ def main(argv=None) -> int:
   parser.add_argument('--bandwidth-tbs', type=float, default=4.8,
                       help="the card's memory bandwidth in TB/s (H200: 4.8)")
   parser.add_argument('--cache-dir', help='persistent compilation cache folder')
-  parser.add_argument('--smoke', action='store_true',
-                      help='tiny model, batch 2, 32x32 training and 64x64 inference, 2 steps: '
-                           'checks the tool on any machine in well under a minute')
+  parser.add_argument(
+      '--smoke', action='store_true',
+      help='tiny model, batch 2, 32x32 training and 64x64 inference, 2 steps: '
+      'checks the tool on any machine in well under a minute')
   args = parser.parse_args(argv)
   if args.cache_dir:
     jax.config.update('jax_compilation_cache_dir', args.cache_dir)
@@ -146,12 +147,11 @@ def main(argv=None) -> int:
     if part not in ('train', 'inference'):
       parser.error(f'unknown part {part!r}: train or inference')
     train = part == 'train'
-    report = profile_part(
-        part, dtype=args.dtype, batch=args.batch if train else 1,
-        size=args.size if train else args.inference_size, remat=args.remat if train else 'none',
-        smoke=args.smoke, steps=args.steps, warmup=args.warmup,
-        trace_dir=os.path.join(trace_root, part), peak_tflops=args.peak_tflops,
-        bandwidth_tbs=args.bandwidth_tbs)
+    report = profile_part(part, dtype=args.dtype, batch=args.batch if train else 1,
+                          size=args.size if train else args.inference_size,
+                          remat=args.remat if train else 'none', smoke=args.smoke, steps=args.steps,
+                          warmup=args.warmup, trace_dir=os.path.join(trace_root, part),
+                          peak_tflops=args.peak_tflops, bandwidth_tbs=args.bandwidth_tbs)
     reports[part] = report
     remat = f', remat {report["remat"]}' if train else ''
     smoke = ', smoke model' if args.smoke else ''

@@ -31,20 +31,25 @@ CLASSES = ('convolution', 'matmul', 'loop fusion', 'reduction fusion', 'copy/tra
            'optimiser', 'other')
 
 # Bytes per element of the HLO element types (4- and 2-bit types as fractions, not a byte).
-_DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4,
-                'u32': 4, 'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16,
-                's4': 0.5, 'u4': 0.5, 's2': 0.25, 'u2': 0.25}
+_DTYPE_BYTES = {
+    'pred': 1, 's8': 1, 'u8': 1, 's16': 2, 'u16': 2, 'f16': 2, 'bf16': 2, 's32': 4, 'u32': 4,
+    'f32': 4, 's64': 8, 'u64': 8, 'f64': 8, 'c64': 8, 'c128': 16, 's4': 0.5, 'u4': 0.5, 's2': 0.25,
+    'u2': 0.25
+}
 _ARRAY = re.compile(r'\b(pred|[suf]\d+|bf16|c64|c128|f8e\w+|f4e\w+)\[([\d,]*)\]')
 _COMPUTATION = re.compile(r'^(ENTRY )?%?([\w.\-]+) \(.*\) -> .*\{$')
 _INSTRUCTION = re.compile(r'^\s*(?:ROOT )?%?([\w.\-]+) = (.*)$')
 # Opcodes that launch no kernel of their own (aliases, tuples, control flow whose bodies are
 # traced separately).
-_NO_KERNEL = {'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all',
-              'partition-id', 'replica-id', 'opt-barrier'}
+_NO_KERNEL = {
+    'parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast', 'after-all', 'partition-id',
+    'replica-id', 'opt-barrier'
+}
 _MOVES = {'transpose', 'copy', 'copy-start', 'copy-done'}
-_LAYOUT = _MOVES | {'bitcast', 'reshape', 'broadcast', 'parameter', 'constant', 'convert',
-                    'slice', 'concatenate', 'pad', 'dynamic-slice', 'dynamic-update-slice',
-                    'tuple', 'get-tuple-element', 'reverse'}
+_LAYOUT = _MOVES | {
+    'bitcast', 'reshape', 'broadcast', 'parameter', 'constant', 'convert', 'slice', 'concatenate',
+    'pad', 'dynamic-slice', 'dynamic-update-slice', 'tuple', 'get-tuple-element', 'reverse'
+}
 _REDUCTIONS = {'reduce', 'reduce-window', 'select-and-scatter', 'scatter', 'reduce-precision'}
 
 
@@ -267,8 +272,8 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
     for i in insts:
       if i.opcode in _NO_KERNEL:
         continue
-      nbytes = (sum(_nbytes(shapes.get(o, '')) for o in i.operands)
-                + _nbytes(i.shape, skip_scratch=True))
+      nbytes = (sum(_nbytes(shapes.get(o, '')) for o in i.operands) +
+                _nbytes(i.shape, skip_scratch=True))
       inner = [i]
       if i.opcode == 'fusion':
         inner = []
@@ -295,9 +300,8 @@ def parse_hlo(text: str) -> tuple[str, dict[str, HloOp]]:
         cls = 'reduction fusion'
       elif opcodes <= _LAYOUT and opcodes & _MOVES:
         cls = 'copy/transpose'
-      elif i.opcode in ('while', 'conditional', 'call', 'custom-call', 'all-reduce',
-                        'all-gather', 'send', 'recv', 'infeed', 'outfeed', 'rng',
-                        'rng-bit-generator', 'sort'):
+      elif i.opcode in ('while', 'conditional', 'call', 'custom-call', 'all-reduce', 'all-gather',
+                        'send', 'recv', 'infeed', 'outfeed', 'rng', 'rng-bit-generator', 'sort'):
         cls = 'other'
       else:
         cls = 'loop fusion'
@@ -340,7 +344,8 @@ def _planes_from_xplane(path: str):
 
   def read(planes):
     return [(plane.name, [(line.name, [(e.name, e.start_ns, e.duration_ns, dict(e.stats))
-                                       for e in line.events]) for line in plane.lines])
+                                       for e in line.events])
+                          for line in plane.lines])
             for plane in planes]
 
   with warnings.catch_warnings():
@@ -420,8 +425,10 @@ def _kernel_times(planes) -> dict:
           entry = modules[module][op]
           entry[0] += own
           entry[1] += 1
-  return {'backend': backend, 'modules': {m: dict(v) for m, v in modules.items()},
-          'unnamed': dict(unnamed)}
+  return {
+      'backend': backend, 'modules': {m: dict(v) for m, v in modules.items()},
+      'unnamed': dict(unnamed)
+  }
 
 
 def _op_name(value) -> str:
@@ -452,25 +459,28 @@ def _self_times(spans):
   return result
 
 
-def reduce_profile(times: dict, module: str, ops: dict[str, HloOp], *, steps: int,
-                   peak_tflops: float, bandwidth_tbs: float, step_ms: float | None = None,
-                   top_convs: int = 12) -> dict:
+def reduce_profile(times: dict, module: str, ops: dict[str,
+                                                       HloOp], *, steps: int, peak_tflops: float,
+                   bandwidth_tbs: float, step_ms: float | None = None, top_convs: int = 12) -> dict:
   """The table: per class, time per step, share, kernels, FLOPs, bytes and the floor at peak;
   the convolutions by shape. `times` from `kernel_times`, `module`/`ops` from `parse_hlo`."""
   per_op = times['modules'].get(module)
   if per_op is None:  # names differ across versions (jit_step vs jit_step.1): match loosely
     candidates = [m for m in times['modules'] if m.split('.')[0] == module.split('.')[0]]
     if not candidates and times['modules']:  # else the module that took the most time
-      candidates = [max(times['modules'],
-                        key=lambda m: sum(ns for ns, _ in times['modules'][m].values()))]
+      candidates = [
+          max(times['modules'], key=lambda m: sum(ns for ns, _ in times['modules'][m].values()))
+      ]
     per_op = {}
     for m in candidates:
       for op, (ns, n) in times['modules'][m].items():
         entry = per_op.setdefault(op, [0.0, 0])
         entry[0] += ns
         entry[1] += n
-  classes = {c: dict(ms=0.0, kernels=0, flops=0.0, bytes=0.0, floor_ms=0.0, unmatched_ms=0.0)
-             for c in CLASSES}
+  classes = {
+      c: dict(ms=0.0, kernels=0, flops=0.0, bytes=0.0, floor_ms=0.0, unmatched_ms=0.0)
+      for c in CLASSES
+  }
   convs = {}
   peak_flops, bandwidth = peak_tflops * 1e12, bandwidth_tbs * 1e12
   for name, (ns, count) in per_op.items():
@@ -510,11 +520,16 @@ def reduce_profile(times: dict, module: str, ops: dict[str, HloOp], *, steps: in
     row['share'] = row['ms'] / total if total else 0.0
     row['tflops'] = row['flops'] / (row['ms'] / 1e3) / 1e12 if row['ms'] else 0.0
   return {
-      'backend': times['backend'], 'module': module, 'steps': steps,
-      'kernel_ms_per_step': total, 'step_ms': step_ms,
-      'peak_tflops': peak_tflops, 'bandwidth_tbs': bandwidth_tbs,
+      'backend': times['backend'],
+      'module': module,
+      'steps': steps,
+      'kernel_ms_per_step': total,
+      'step_ms': step_ms,
+      'peak_tflops': peak_tflops,
+      'bandwidth_tbs': bandwidth_tbs,
       'floor_ms_per_step': sum(r['floor_ms'] for r in classes.values()),
-      'classes': classes, 'convolutions': conv_rows[:top_convs],
+      'classes': classes,
+      'convolutions': conv_rows[:top_convs],
       'convolution_shapes': len(conv_rows),
       'other_modules': sorted(m for m in times['modules'] if m != module),
   }
@@ -549,8 +564,8 @@ def markdown(report: dict, title: str = '') -> str:
       f'floor at {report["peak_tflops"]:g} TFLOP/s and {report["bandwidth_tbs"]:g} TB/s: '
       f'{report["floor_ms_per_step"]:.2f} ms)', '',
       '| class | ms / step | share | kernels / step | GFLOP / step | GB / step | '
-      'floor at peak (ms) | time / floor |',
-      '| --- | --- | --- | --- | --- | --- | --- | --- |']
+      'floor at peak (ms) | time / floor |', '| --- | --- | --- | --- | --- | --- | --- | --- |'
+  ]
   for name, row in report['classes'].items():
     if not row['ms'] and not row['kernels']:
       continue
@@ -559,11 +574,12 @@ def markdown(report: dict, title: str = '') -> str:
                  f'{row["kernels"]:.0f} | {row["flops"] / 1e9:.2f} | {row["bytes"] / 1e9:.3f} | '
                  f'{row["floor_ms"]:.3f} | {ratio} |')
   if report['convolutions']:
-    lines += ['', f'Convolutions by shape (top {len(report["convolutions"])} of '
-              f'{report["convolution_shapes"]}):', '',
-              '| convolution (role window: input * kernel -> output) | calls / step | '
-              'ms / step | share | TFLOP/s | time / floor |',
-              '| --- | --- | --- | --- | --- | --- |']
+    lines += [
+        '', f'Convolutions by shape (top {len(report["convolutions"])} of '
+        f'{report["convolution_shapes"]}):', '',
+        '| convolution (role window: input * kernel -> output) | calls / step | '
+        'ms / step | share | TFLOP/s | time / floor |', '| --- | --- | --- | --- | --- | --- |'
+    ]
     for row in report['convolutions']:
       ratio = f'{row["ms"] / row["floor_ms"]:.1f}×' if row['floor_ms'] else '—'
       lines.append(f'| `{row["shape"]}` | {row["calls"]} | {row["ms"]:.3f} | '

@@ -17,7 +17,7 @@ def _tiny_step():
     y = jax.lax.conv_general_dilated(x, w, (1, 1), 'SAME',
                                      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
     y = jax.nn.relu(y) * jnp.mean(y, axis=(1, 2), keepdims=True)
-    return jnp.mean(y ** 2)
+    return jnp.mean(y**2)
 
   @jax.jit
   def step(w, opt_state, x):
@@ -105,11 +105,12 @@ def test_gpu_style_hlo_convolutions_are_classified_with_their_flops():
   # bytes: both inputs and the result, not the u8 workspace
   assert dgrad.bytes == 2 * (2 * 16 * 64 * 64 * 96) + 2 * 96 * 9 * 96
   assert ops['t'].cls == 'copy/transpose'
-  times = {'backend': 'gpu', 'unnamed': {'Memcpy DtoD': [2e6, 2]},
-           'modules': {'jit_step': {'cudnn-conv-bw-input.3': [6e6, 4], 'fusion.7': [4e6, 2],
-                                    't': [2e6, 2]}}}
-  report = profiling.reduce_profile(times, module, ops, steps=2, peak_tflops=790,
-                                    bandwidth_tbs=4.8)
+  times = {
+      'backend': 'gpu', 'unnamed': {'Memcpy DtoD': [2e6, 2]}, 'modules': {
+          'jit_step': {'cudnn-conv-bw-input.3': [6e6, 4], 'fusion.7': [4e6, 2], 't': [2e6, 2]}
+      }
+  }
+  report = profiling.reduce_profile(times, module, ops, steps=2, peak_tflops=790, bandwidth_tbs=4.8)
   assert report['kernel_ms_per_step'] == pytest.approx(7.0)
   assert report['classes']['convolution']['ms'] == pytest.approx(5.0)
   assert report['classes']['copy/transpose']['ms'] == pytest.approx(2.0)
@@ -129,8 +130,8 @@ def test_lever_rows_pass_autotune_cache_and_level_to_xla(tmp_path, monkeypatch):
 
   monkeypatch.setattr(benchmark.subprocess, 'run', fake_run)
   monkeypatch.delenv('XLA_FLAGS', raising=False)
-  rows = (dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none',
-               fresh_cache=True, autotune_cache='shared'),
+  rows = (dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none', fresh_cache=True,
+               autotune_cache='shared'),
           dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none',
                autotune_cache='mine', autotune_level=1),
           dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none'))
