@@ -86,8 +86,9 @@ def forward_flops(model: MPRNet, shape) -> float:
   """FLOPs of one forward pass of `model` on inputs of `shape`, counted from its convolutions
   (2 x multiply-adds; the elementwise work is a rounding error next to them). Backend-free."""
   graphdef, params = nnx.split(model)
-  jaxpr = jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(
-      params, jax.ShapeDtypeStruct(shape, jnp.float32))
+  jaxpr = jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(params,
+                                                                 jax.ShapeDtypeStruct(
+                                                                     shape, jnp.float32))
   return _conv_flops(jaxpr.jaxpr)
 
 
@@ -163,17 +164,26 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
   description = (f'{mode} {task} {dtype} batch {batch} {height}x{width} remat={remat} on '
                  f'{jax.devices()[0].device_kind}')
   if compile_only:
-    return _compile_report(jitted, args, description, dict(
-        mode=mode, task=task, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
-        smoke=smoke, model_tflop_per_step=float(f'{step_flops / 1e12:.4g}')))
+    return _compile_report(
+        jitted, args, description,
+        dict(mode=mode, task=task, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
+             smoke=smoke, model_tflop_per_step=float(f'{step_flops / 1e12:.4g}')))
 
   first, times = _time_calls(call, steps, warmup)
   median = statistics.median(times)
   result = {
-      'mode': mode, 'task': task, 'dtype': dtype, 'batch': batch, 'size': f'{height}x{width}',
-      'remat': remat, 'smoke': smoke, **_environment(),
-      'first_call_s': round(first, 3), 'median_step_ms': round(1e3 * median, 3),
-      'images_per_s': round(batch / median, 2), 'peak_memory_gib': _peak_memory_gib(),
+      'mode': mode,
+      'task': task,
+      'dtype': dtype,
+      'batch': batch,
+      'size': f'{height}x{width}',
+      'remat': remat,
+      'smoke': smoke,
+      **_environment(),
+      'first_call_s': round(first, 3),
+      'median_step_ms': round(1e3 * median, 3),
+      'images_per_s': round(batch / median, 2),
+      'peak_memory_gib': _peak_memory_gib(),
       'model_tflop_per_step': float(f'{step_flops / 1e12:.4g}'),
       'achieved_tflops': float(f'{step_flops / median / 1e12:.4g}'),
       'steps_timed': steps,
@@ -188,9 +198,11 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
 
 
 def _environment() -> dict:
-  return {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
-          'jax': jax.__version__, 'flax': __import__('flax').__version__,
-          'python': platform.python_version()}
+  return {
+      'device': jax.devices()
+                [0].device_kind, 'platform': jax.default_backend(), 'jax': jax.__version__,
+      'flax': __import__('flax').__version__, 'python': platform.python_version()
+  }
 
 
 def _compile_report(jitted, args, description: str, fields: dict) -> dict:
@@ -200,15 +212,19 @@ def _compile_report(jitted, args, description: str, fields: dict) -> dict:
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()  # None where the backend does not report one
-  sizes = {f'xla_{kind}_gib': None if memory is None else
-           round(getattr(memory, f'{kind}_size_in_bytes') / 2**30, 3)
-           for kind in ('temp', 'argument', 'output')}
+  sizes = {
+      f'xla_{kind}_gib':
+          None if memory is None else round(getattr(memory, f'{kind}_size_in_bytes') / 2**30, 3)
+      for kind in ('temp', 'argument', 'output')
+  }
   total = None if memory is None else round(sum(sizes.values()), 3)
   summary = (f'{description}: compiled in {seconds:.1f} s (not run); XLA buffers: '
              f'{sizes["xla_temp_gib"]} GiB temporaries, '
              f'{None if total is None else round(total, 2)} GiB in all')
-  return {**fields, **_environment(), 'compile_only': True, 'compile_s': round(seconds, 2),
-          **sizes, 'xla_total_gib': total, 'summary': summary}
+  return {
+      **fields, **_environment(), 'compile_only': True, 'compile_s': round(seconds, 2),
+      **sizes, 'xla_total_gib': total, 'summary': summary
+  }
 
 
 # The rows of BENCHMARKS.md, in the order they are worth measuring when time is short. The
@@ -275,15 +291,19 @@ def run_suite(out_path: str, *, cache_dir: str, steps: int = 10, warmup: int = 2
     if flags:
       env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', '')] + flags).strip()
     row_cache = tempfile.mkdtemp(prefix='mprnet-cold-') if row.get('fresh_cache') else cache_dir
-    argv = [sys.executable, '-m', 'mprnet_jax.cli', 'benchmark', '--json', '--mode', row['mode'],
-            '--dtype', row['dtype'], '--batch', str(row['batch']), '--size', row['size'],
-            '--remat', row['remat'], '--steps', str(steps), '--warmup', str(warmup),
-            '--cache-dir', row_cache] + (['--smoke'] if smoke else [])
+    argv = [
+        sys.executable, '-m', 'mprnet_jax.cli', 'benchmark', '--json', '--mode', row['mode'],
+        '--dtype', row['dtype'], '--batch',
+        str(row['batch']), '--size', row['size'], '--remat', row['remat'], '--steps',
+        str(steps), '--warmup',
+        str(warmup), '--cache-dir', row_cache
+    ] + (['--smoke'] if smoke else [])
     try:
       done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
       lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
       result = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-          **row, 'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:300]}
+          **row, 'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:300]
+      }
     except subprocess.TimeoutExpired:
       result = {**row, 'error': f'timed out after {timeout_s} s'}
     if flags:
