@@ -3,7 +3,7 @@ reduces each trace to a table of kernel classes (issue #11, item 1).
 
     python convert/profile_step.py --out results/          # on the GPU: bf16 deblurring step,
                                                            # batch 16, 256², and 720x1280
-    python convert/profile_step.py --smoke --out /tmp/p    # the tiny model on the CPU (< 1 min)
+    python convert/profile_step.py --smoke --out /tmp/p    # the tiny model on the CPU (1-3 min)
 
 Each part compiles its step ahead of time (`lower().compile()`, so the optimised HLO that names
 every kernel's instruction is the executable's own), times a few steps without the profiler,
@@ -103,10 +103,10 @@ def profile_part(mode: str, *, dtype: str, batch: int, size: str, remat: str, sm
     report['warning'] = (f'no {jax.default_backend()} kernels in the trace: these are host-side '
                          'spans, not kernel times')
   height, width = _parse_size(size)
+  traced_ms = round(1e3 * statistics.median(traced), 3)
   report.update(mode=mode, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
                 smoke=smoke, compile_s=round(compile_s, 2), first_run_s=round(first_s, 3),
-                traced_step_ms=round(1e3 * statistics.median(traced),
-                                     3), device=jax.devices()[0].device_kind, jax=jax.__version__)
+                traced_step_ms=traced_ms, device=jax.devices()[0].device_kind, jax=jax.__version__)
   return report
 
 
@@ -130,8 +130,8 @@ def main(argv=None) -> int:
   parser.add_argument('--cache-dir', help='persistent compilation cache folder')
   parser.add_argument(
       '--smoke', action='store_true',
-      help='tiny model, batch 2, 32x32 training and 64x64 inference, 2 steps: '
-      'checks the tool on any machine in well under a minute')
+      help='tiny model, batch 2, 32x32 training and 64x64 inference, 2 steps: checks the '
+      'tool on any machine (80-150 s on a busy 2-core CPU, mostly compiling)')
   args = parser.parse_args(argv)
   if args.cache_dir:
     jax.config.update('jax_compilation_cache_dir', args.cache_dir)
