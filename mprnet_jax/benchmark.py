@@ -86,8 +86,9 @@ def forward_flops(model: MPRNet, shape) -> float:
   """FLOPs of one forward pass of `model` on inputs of `shape`, counted from its convolutions
   (2 x multiply-adds; the elementwise work is a rounding error next to them). Backend-free."""
   graphdef, params = nnx.split(model)
-  jaxpr = jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(
-      params, jax.ShapeDtypeStruct(shape, jnp.float32))
+  jaxpr = jax.make_jaxpr(lambda p, x: nnx.merge(graphdef, p)(x))(params,
+                                                                 jax.ShapeDtypeStruct(
+                                                                     shape, jnp.float32))
   return _conv_flops(jaxpr.jaxpr)
 
 
@@ -163,17 +164,26 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
   description = (f'{mode} {task} {dtype} batch {batch} {height}x{width} remat={remat} on '
                  f'{jax.devices()[0].device_kind}')
   if compile_only:
-    return _compile_report(jitted, args, description, dict(
-        mode=mode, task=task, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
-        smoke=smoke, model_tflop_per_step=float(f'{step_flops / 1e12:.4g}')))
+    return _compile_report(
+        jitted, args, description,
+        dict(mode=mode, task=task, dtype=dtype, batch=batch, size=f'{height}x{width}', remat=remat,
+             smoke=smoke, model_tflop_per_step=float(f'{step_flops / 1e12:.4g}')))
 
   first, times = _time_calls(call, steps, warmup)
   median = statistics.median(times)
   result = {
-      'mode': mode, 'task': task, 'dtype': dtype, 'batch': batch, 'size': f'{height}x{width}',
-      'remat': remat, 'smoke': smoke, **_environment(),
-      'first_call_s': round(first, 3), 'median_step_ms': round(1e3 * median, 3),
-      'images_per_s': round(batch / median, 2), 'peak_memory_gib': _peak_memory_gib(),
+      'mode': mode,
+      'task': task,
+      'dtype': dtype,
+      'batch': batch,
+      'size': f'{height}x{width}',
+      'remat': remat,
+      'smoke': smoke,
+      **_environment(),
+      'first_call_s': round(first, 3),
+      'median_step_ms': round(1e3 * median, 3),
+      'images_per_s': round(batch / median, 2),
+      'peak_memory_gib': _peak_memory_gib(),
       'model_tflop_per_step': float(f'{step_flops / 1e12:.4g}'),
       'achieved_tflops': float(f'{step_flops / median / 1e12:.4g}'),
       'steps_timed': steps,
@@ -188,9 +198,11 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
 
 
 def _environment() -> dict:
-  return {'device': jax.devices()[0].device_kind, 'platform': jax.default_backend(),
-          'jax': jax.__version__, 'flax': __import__('flax').__version__,
-          'python': platform.python_version()}
+  return {
+      'device': jax.devices()
+                [0].device_kind, 'platform': jax.default_backend(), 'jax': jax.__version__,
+      'flax': __import__('flax').__version__, 'python': platform.python_version()
+  }
 
 
 def _compile_report(jitted, args, description: str, fields: dict) -> dict:
@@ -200,15 +212,19 @@ def _compile_report(jitted, args, description: str, fields: dict) -> dict:
   compiled = lowered.compile()
   seconds = time.perf_counter() - start
   memory = compiled.memory_analysis()  # None where the backend does not report one
-  sizes = {f'xla_{kind}_gib': None if memory is None else
-           round(getattr(memory, f'{kind}_size_in_bytes') / 2**30, 3)
-           for kind in ('temp', 'argument', 'output')}
+  sizes = {
+      f'xla_{kind}_gib':
+          None if memory is None else round(getattr(memory, f'{kind}_size_in_bytes') / 2**30, 3)
+      for kind in ('temp', 'argument', 'output')
+  }
   total = None if memory is None else round(sum(sizes.values()), 3)
   summary = (f'{description}: compiled in {seconds:.1f} s (not run); XLA buffers: '
              f'{sizes["xla_temp_gib"]} GiB temporaries, '
              f'{None if total is None else round(total, 2)} GiB in all')
-  return {**fields, **_environment(), 'compile_only': True, 'compile_s': round(seconds, 2),
-          **sizes, 'xla_total_gib': total, 'summary': summary}
+  return {
+      **fields, **_environment(), 'compile_only': True, 'compile_s': round(seconds, 2),
+      **sizes, 'xla_total_gib': total, 'summary': summary
+  }
 
 
 # The rows of BENCHMARKS.md, in the order they are worth measuring when time is short. The
@@ -224,7 +240,11 @@ GPU_SUITE = (
 )
 
 # Levers not yet measured on a GPU, against the same-session baseline (first row). A row with
-# `fresh_cache` compiles cold in an empty cache of its own; `xla_flags` are added to XLA_FLAGS.
+# `fresh_cache` compiles in an empty compilation cache of its own; `xla_flags` are added to
+# XLA_FLAGS; `autotune_level` N adds `--xla_gpu_autotune_level=N`; `autotune_cache` keeps XLA's
+# per-fusion autotuning results in a folder through `--xla_gpu_per_fusion_autotune_cache_dir`:
+# 'shared' is the one JAX fills inside the suite's compilation cache (the first row's results),
+# any other name a folder of the suite run's own, shared by the rows that name it.
 LEVER_SUITE = (
     dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none'),
     dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='runs'),
@@ -232,6 +252,14 @@ LEVER_SUITE = (
     dict(mode='train', dtype='float32', batch=16, size='256', remat='runs'),
     dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none', fresh_cache=True,
          xla_flags='--xla_gpu_autotune_level=2'),
+    # The first row's program compiled again with no executable cached but its autotuning
+    # results on disk: the cold compile without the autotuning (about 65 of the 92 s).
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none', fresh_cache=True,
+         autotune_cache='shared'),
+    # A cold compile at the next lower level (no re-initialised buffers either): compile and
+    # step time, to keep only where it costs no step time.
+    dict(mode='train', dtype='bfloat16', batch=16, size='256', remat='none', fresh_cache=True,
+         autotune_level=1),
 )
 
 SUITES = {'table': GPU_SUITE, 'levers': LEVER_SUITE}
@@ -245,24 +273,45 @@ def run_suite(out_path: str, *, cache_dir: str, steps: int = 10, warmup: int = 2
   if suite not in SUITES:
     raise MprnetError(f'suite must be one of {", ".join(SUITES)}, got {suite!r}')
   results = []
+  own_folders = tempfile.mkdtemp(prefix='mprnet-suite-')  # named autotune caches of this run
   for row in SUITES[suite]:
     env = dict(os.environ, XLA_PYTHON_CLIENT_MEM_FRACTION='0.95')
-    if row.get('xla_flags'):
-      env['XLA_FLAGS'] = f'{env.get("XLA_FLAGS", "")} {row["xla_flags"]}'.strip()
+    flags = [row['xla_flags']] if row.get('xla_flags') else []
+    if row.get('autotune_level') is not None:
+      flags.append(f'--xla_gpu_autotune_level={int(row["autotune_level"])}')
+    autotune_dir = None
+    if row.get('autotune_cache'):
+      name = row['autotune_cache']
+      autotune_dir = (os.path.join(cache_dir, 'xla_gpu_per_fusion_autotune_cache_dir')
+                      if name == 'shared' else os.path.join(own_folders, f'autotune-{name}'))
+      flags.append(f'--xla_gpu_per_fusion_autotune_cache_dir={autotune_dir}')
+      # With a compilation cache, JAX points XLA at an autotune folder inside it, whatever
+      # XLA_FLAGS say; 'none' turns that off so the flag above is the only one.
+      env['JAX_PERSISTENT_CACHE_ENABLE_XLA_CACHES'] = 'none'
+    if flags:
+      env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', '')] + flags).strip()
     row_cache = tempfile.mkdtemp(prefix='mprnet-cold-') if row.get('fresh_cache') else cache_dir
-    argv = [sys.executable, '-m', 'mprnet_jax.cli', 'benchmark', '--json', '--mode', row['mode'],
-            '--dtype', row['dtype'], '--batch', str(row['batch']), '--size', row['size'],
-            '--remat', row['remat'], '--steps', str(steps), '--warmup', str(warmup),
-            '--cache-dir', row_cache] + (['--smoke'] if smoke else [])
+    argv = [
+        sys.executable, '-m', 'mprnet_jax.cli', 'benchmark', '--json', '--mode', row['mode'],
+        '--dtype', row['dtype'], '--batch',
+        str(row['batch']), '--size', row['size'], '--remat', row['remat'], '--steps',
+        str(steps), '--warmup',
+        str(warmup), '--cache-dir', row_cache
+    ] + (['--smoke'] if smoke else [])
     try:
       done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout_s, env=env)
       lines = [l for l in done.stdout.splitlines() if l.startswith('{')]
       result = json.loads(lines[-1]) if done.returncode == 0 and lines else {
-          **row, 'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:300]}
+          **row, 'error': (done.stderr.strip().splitlines() or ['failed'])[-1][:300]
+      }
     except subprocess.TimeoutExpired:
       result = {**row, 'error': f'timed out after {timeout_s} s'}
-    if row.get('xla_flags'):
-      result['xla_flags'] = row['xla_flags']
+    if flags:
+      result['xla_flags'] = ' '.join(flags)
+    if autotune_dir:
+      result['autotune_cache_dir'] = autotune_dir
+    if row.get('fresh_cache'):
+      result['fresh_cache'] = True
     results.append(result)
     with open(out_path, 'a') as f:
       f.write(json.dumps(result) + '\n')
