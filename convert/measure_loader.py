@@ -34,8 +34,8 @@ class MemorySource:
 
 
 def crops_per_second(source, *, workers, batches, batch_size, patch_size):
-  loader = data.make_train_loader(source, batch_size=batch_size, patch_size=patch_size,
-                                  seed=0, num_workers=workers)
+  loader = data.make_train_loader(source, batch_size=batch_size, patch_size=patch_size, seed=0,
+                                  num_workers=workers)
   iterator = iter(loader)
   for _ in range(3):  # start-up: worker processes, first reads
     next(iterator)
