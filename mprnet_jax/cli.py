@@ -115,6 +115,10 @@ def _evaluate(args) -> None:
   if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
     raise MprnetError('two --data folders share a name, so their --output/--save-images '
                       'subfolders would collide; evaluate them in separate calls')
+  inputs = [*args.data, *(args.results or []), *([args.weights] if args.weights else [])]
+  for output_file in (args.csv, args.json):  # a report never replaces an input
+    if output_file:
+      refuse_overwriting_inputs(output_file, inputs, MprnetError)
   for data_dir in args.data:  # every dataset is checked before any weights are loaded
     protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
   restorer = _restorer(args) if args.weights is not None else None
@@ -196,12 +200,13 @@ def _add_inference_options(parser, *, weights_required: bool = True) -> None:
       ('' if weights_required else ' (or --results)'))
   parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'])
   parser.add_argument(
-      '--tile', type=int, default=None,
+      '--tile', type=_positive_int, default=None,
       help='restore in tiles of this size (multiple of 8); default: whole '
       'image, tiling automatically when it does not fit in device memory')
-  parser.add_argument('--overlap', type=int, default=64, help='tile overlap in pixels')
+  parser.add_argument('--overlap', type=_non_negative_int, default=64,
+                      help='tile overlap in pixels')
   parser.add_argument(
-      '--bucket', type=int, default=8,
+      '--bucket', type=_positive_int, default=8,
       help='pad sizes to a multiple of this (8 = the official padding; larger '
       'values compile fewer shapes for folders of mixed sizes)')
   parser.add_argument('--ensemble', action='store_true',
@@ -210,6 +215,26 @@ def _add_inference_options(parser, *, weights_required: bool = True) -> None:
       '--max-pixels', type=int, action=_MaxPixels, default=None,
       help='refuse images of more pixels than this, from their headers '
       '(default 100000000, or $MPRNET_MAX_PIXELS)')
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
+  return value
+
+
+def _non_negative_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'must be at least 0, got {value}')
+  return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
       '--csv', help='per-image CSV (default for --protocol rgb with --weights: '
       'DATA/mprnet_metrics.csv)')
   p.add_argument('--json', metavar='OUT.json', help='write the results, per image, as JSON')
-  p.add_argument('--batch', type=int, default=8,
+  p.add_argument('--batch', type=_positive_int, default=8,
                  help='sidd/dnd: blocks or patches restored per call')
   _add_inference_options(p, weights_required=False)  # evaluate takes --weights or --results
 
@@ -277,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--mode', choices=['train', 'inference'], default='train')
   p.add_argument('--task', default='deblurring', choices=['deblurring', 'denoising', 'deraining'])
   p.add_argument('--dtype', default='bfloat16', choices=['float32', 'bfloat16'])
-  p.add_argument('--batch', type=int, default=16)
+  p.add_argument('--batch', type=_positive_int, default=16)
   p.add_argument('--size', default='256', help='crop size: N or HxW (inference e.g. 720x1280)')
   p.add_argument(
       '--remat', default='none', choices=['none', 'convs', 'runs', 'full'],
@@ -290,8 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
       '--suite-rows', choices=['table', 'levers'], default='table',
       help="the suite: 'table' (the rows of BENCHMARKS.md) or 'levers' (options "
       'still to be measured on a GPU)')
-  p.add_argument('--steps', type=int, default=20, help='timed steps')
-  p.add_argument('--warmup', type=int, default=3, help='untimed steps after compiling')
+  p.add_argument('--steps', type=_positive_int, default=20, help='timed steps')
+  p.add_argument('--warmup', type=_non_negative_int, default=3,
+                 help='untimed steps after compiling')
   p.add_argument('--smoke', action='store_true', help='tiny model, CPU-sized: checks the harness')
   p.add_argument(
       '--compile-only', action='store_true',

@@ -416,7 +416,8 @@ def list_images(folder) -> list[Path]:
   folder = Path(folder)
   if not folder.is_dir():
     raise ImageError(f'{folder}: no such folder')
-  found = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+  found = sorted(
+      p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.is_dir())
   if not found:
     raise ImageError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
   return found

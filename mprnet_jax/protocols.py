@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from mprnet_jax import matfiles, metrics
 from mprnet_jax.errors import DataError
+from mprnet_jax.files import atomic_output, require_regular_file
 from mprnet_jax.image_io import IMAGE_SUFFIXES, ImageInfo, read_image, write_image
 
 __all__ = [
@@ -116,8 +117,10 @@ def _images_by_stem(folder: Path) -> dict[str, Path]:
     raise DataError(f'{folder}: no such folder')
   found: dict[str, Path] = {}
   for path in sorted(folder.iterdir()):
-    if not path.is_file() or path.suffix.lower() not in IMAGE_SUFFIXES:
+    if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_dir():
       continue
+    # An image name on a FIFO, device or socket would hang or fail the read: refuse it now.
+    require_regular_file(path, DataError, 'image file')
     if path.stem in found:
       raise DataError(f'{folder}: {found[path.stem].name} and {path.name} share a name; '
                       'keep one image per name')
@@ -439,7 +442,7 @@ def write_csv(path, results: list[dict]) -> Path:
   path.parent.mkdir(parents=True, exist_ok=True)
   several = len(results) > 1
   fields = (['dataset'] if several else []) + ['name', 'psnr', 'ssim']
-  with open(path, 'w', newline='') as handle:
+  with atomic_output(path, DataError) as partial, open(partial, 'w', newline='') as handle:
     writer = csv.DictWriter(handle, fieldnames=fields)
     writer.writeheader()
     for result in results:
@@ -483,5 +486,6 @@ def write_json(path, protocol: str, results: list[dict]) -> Path:
     if protocol != 'dnd':
       document.update(mean_row(results))
     document['datasets'] = results
-  path.write_text(json.dumps(_finite(document), indent=1) + '\n')
+  with atomic_output(path, DataError) as partial:
+    partial.write_text(json.dumps(_finite(document), indent=1) + '\n')
   return path

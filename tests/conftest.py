@@ -1,5 +1,5 @@
 """Shared test set-up: eight CPU devices (for the parallel tests), a persistent compilation
-cache, and the paths of the reference fixtures."""
+cache, the paths of the reference fixtures, and `fast_compile` for tests of plumbing."""
 
 import os
 from pathlib import Path
@@ -27,3 +27,14 @@ def shared_fixture(name: str) -> Path:
   if not path.exists():
     pytest.fail(f'{path} is missing: the large reference fixtures are read from ../shared/fixtures')
   return path
+
+
+@pytest.fixture(scope='module')
+def fast_compile():
+  """XLA without most of its optimisations while a module runs: compiles about a third faster
+  on the CPU. For modules that test plumbing (files, resumes, errors, parallel equivalence
+  within one setting), never for the parity tests against the official fixtures; opt in with
+  `pytestmark = pytest.mark.usefixtures('fast_compile')`."""
+  jax.config.update('jax_disable_most_optimizations', True)
+  yield
+  jax.config.update('jax_disable_most_optimizations', False)

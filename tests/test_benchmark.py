@@ -6,6 +6,8 @@ import pytest
 
 from mprnet_jax.cli import main
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 
 @pytest.mark.parametrize('mode', ['train', 'inference'])
 def test_benchmark_smoke_reports_every_field(mode, capsys):

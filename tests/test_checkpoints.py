@@ -19,6 +19,8 @@ from mprnet_jax import checkpoints, train_logging
 from mprnet_jax.checkpoints import WorkdirLock, state_layout
 from mprnet_jax.errors import MprnetError
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import pytest
 
-import conftest
-
 from mprnet_jax.builders import build_model, model_sizes
 from mprnet_jax.cli import main
 from mprnet_jax.config_loading import load_config, validate_config
 from mprnet_jax.configs import base, default
 from mprnet_jax.errors import ConfigError
+
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
 
 ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / 'experiments' / 'smoke.py'
@@ -111,43 +111,30 @@ def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
   ], check=True, capture_output=True)
   python = venv / 'bin' / 'python'
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
-  # The suite's compilation cache: the smoke step is the one tests/test_trainer.py compiles.
-  env['MPRNET_JAX_CACHE'] = str(conftest.CACHE)
+  # One compilation cache for both runs, and XLA's quick compile: this checks packaging.
+  env['MPRNET_JAX_CACHE'] = str(tmp_path / 'cache')
+  env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   outside = tmp_path / 'elsewhere'
   outside.mkdir()
   located = subprocess.run([str(python), '-c', 'import mprnet_jax; print(mprnet_jax.__file__)'],
                            cwd=outside, env=env, check=True, capture_output=True, text=True)
   assert str(site) in located.stdout  # the installed copy, not the checkout
-  demo = subprocess.run(
-      [
-          str(python),
-          '-m',
-          'mprnet_jax.cli',
-          'train',
-          '--workdir',
-          str(tmp_path / 'demo'),
-          # The packaged demo, shrunk: what matters here is that the wheel finds its config.
-          '--config.num_steps=2',
-          '--config.eval_every=2',
-          '--config.batch_size=2',
-          '--config.model.n_feat=8',
-          '--config.model.scale_unetfeats=4',
-          '--config.model.scale_orsnetfeats=4',
-          '--config.data.patch_size=32',
-          '--config.data.val_patch_size=32',
-          '--config.data.max_val_images=1'
-      ],
-      cwd=outside,
-      env=env,
-      capture_output=True,
-      text=True,
-      timeout=600)
-  assert demo.returncode == 0, demo.stderr[-2000:]
-  assert '"step": 2' in demo.stdout
-  smoke = subprocess.run([
-      str(python), '-m', 'mprnet_jax.cli', 'train', '--config',
-      str(SMOKE), '--workdir',
-      str(tmp_path / 'smoke'), '--config.num_steps=2'
-  ], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-  assert smoke.returncode == 0, smoke.stderr[-2000:]
-  assert '"step": 2' in smoke.stdout
+  # The packaged demo, shrunk to the smoke experiment's step (what matters here is that the
+  # wheel finds its config), so the second run finds that step compiled.
+  shrink = ('num_steps=2 eval_every=2 batch_size=2 num_epochs=4 task=deblurring '
+            'model.n_feat=8 model.scale_unetfeats=4 model.scale_orsnetfeats=4 '
+            'data.patch_size=32 data.val_patch_size=32 data.variants=1 data.augment=deblur '
+            'optim.lr=0.001 optim.min_lr=1e-6').split()
+  runs = {
+      'demo': (outside, []),
+      'smoke': (ROOT, ['--config', str(SMOKE)]),  # an experiment file of the checkout
+  }
+  for name, (cwd, config) in runs.items():
+    overrides = [f'--config.{o}' for o in (shrink if name == 'demo' else ['num_steps=2'])]
+    command = [
+        str(python), '-m', 'mprnet_jax.cli', 'train', *config, '--workdir',
+        str(tmp_path / name), *overrides
+    ]
+    run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (name, run.stderr[-2000:])
+    assert '"step": 2' in run.stdout, name

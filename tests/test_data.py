@@ -10,6 +10,8 @@ from PIL import Image
 
 from mprnet_jax import augment, data, shards, tfds_builder
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 
 def _write_pair_folder(root, sizes, *, seed=0, ext='png'):
   """root/input, root/target with random images; target = input XOR 0x55 (known relation)."""

@@ -14,6 +14,8 @@ from mprnet_jax.inference import Restorer
 from mprnet_jax.model import MPRNet
 from mprnet_jax.weights import load_weights
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 DEMO = FIXTURES / 'demo_denoise.safetensors'
 
 

@@ -27,6 +27,8 @@ from mprnet_jax.conversion import from_pytorch, unwrap_state_dict
 from mprnet_jax.errors import CheckpointError
 from mprnet_jax.torch_format import load_pth
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 TINY = FIXTURES / 'tiny.pth'
 ROOT = Path(__file__).resolve().parents[1]
 CAP_GIB = 3  # JAX's CPU client and the tiny model's conversion fit in far less

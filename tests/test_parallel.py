@@ -10,6 +10,8 @@ from mprnet_jax.parallel import (choose_parallel, make_mesh, place_batch, place_
                                  unplace_state)
 from multihost_worker import GLOBAL_BATCH, tiny_batch, tiny_config, tiny_state, train
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 # A large SGD rate: an update off by a factor (8 devices) moves the parameters by far more
 # than the tolerance.
 OPTIMIZERS = {'sgd': dict(optimizer='sgd', lr=0.05), 'adam': dict(optimizer='adam')}

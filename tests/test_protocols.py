@@ -368,3 +368,21 @@ def test_bad_inputs_give_one_line_and_status_2(tmp_path, capsys, monkeypatch):
       str(pairs)
   ]) == 2
   assert "mprnet-jax[eval]" in _one_error_line(capsys)
+
+
+def test_reports_never_replace_an_input(tmp_path, capsys):
+  """--csv / --json onto an input image or onto the weights file: one line, nothing written."""
+  weights = tmp_path / 'denoise.pth'
+  shutil.copy(shared_fixture('protocols/denoise.pth'), weights)
+  data = tmp_path / 'pairs'
+  _noisy_pairs(data, count=1)
+  target = data / 'target' / 'im0.png'
+  before = {p: p.read_bytes() for p in (weights, target)}
+  for flag, victim in (('--csv', target), ('--json', weights), ('--csv', weights)):
+    assert main(['evaluate', '--weights',
+                 str(weights), '--data',
+                 str(data), flag,
+                 str(victim)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'refusing to write over an input' in err, err
+  assert {p: p.read_bytes() for p in before} == before

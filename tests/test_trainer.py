@@ -27,6 +27,8 @@ from mprnet_jax.train_logging import image_grid, plot_curves, read_metrics
 from mprnet_jax.builders import build_model, build_sources
 from mprnet_jax.trainer import train
 
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
+
 EXPERIMENTS = Path(__file__).resolve().parents[1] / 'experiments'
 
 
