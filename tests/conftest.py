@@ -36,5 +36,7 @@ def fast_compile():
   within one setting), never for the parity tests against the official fixtures; opt in with
   `pytestmark = pytest.mark.usefixtures('fast_compile')`."""
   jax.config.update('jax_disable_most_optimizations', True)
+  os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # and in the processes the tests start
   yield
+  del os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS']
   jax.config.update('jax_disable_most_optimizations', False)

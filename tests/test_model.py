@@ -11,6 +11,10 @@ from mprnet_jax import MPRNet, count_params
 from mprnet_jax.layers import downsample_half, upsample_double
 from mprnet_jax.model import merge_columns, merge_rows, split_columns, split_rows
 
+# Every comparison here is between two programs compiled alike (remat against none, bf16
+# against float32 within a tolerance), so XLA's quick compile suffices.
+pytestmark = pytest.mark.usefixtures('fast_compile')
+
 TINY = dict(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=2)
 
 

@@ -9,8 +9,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from multihost_worker import STEPS, checksum, tiny_batch, tiny_config, train
+
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
 
 WORKER = Path(__file__).resolve().parent / 'multihost_worker.py'
 TIMEOUT_S = 240
