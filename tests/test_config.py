@@ -85,8 +85,6 @@ def test_cli_train_refuses_a_bad_value_in_one_line_before_touching_the_workdir(t
   assert not workdir.exists()
 
 
-@pytest.mark.skipif(
-    os.environ.get('MPRNET_SKIP_WHEEL_TEST') == '1', reason='MPRNET_SKIP_WHEEL_TEST=1')
 def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
   """Build the wheel, install it (without its dependencies, which this environment already
   has) into a fresh venv outside the checkout, and train from there: the demo needs no file of
