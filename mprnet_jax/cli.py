@@ -217,24 +217,22 @@ def _add_inference_options(parser, *, weights_required: bool = True) -> None:
       '(default 100000000, or $MPRNET_MAX_PIXELS)')
 
 
-def _positive_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-  if value < 1:
-    raise argparse.ArgumentTypeError(f'must be at least 1, got {value}')
-  return value
+def _int_at_least(low: int):
+  """An argparse type: a whole number >= `low`, with a one-line message otherwise."""
+
+  def parse(text: str) -> int:
+    try:
+      value = int(text)
+    except ValueError:
+      raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
+    if value < low:
+      raise argparse.ArgumentTypeError(f'must be at least {low}, got {value}')
+    return value
+
+  return parse
 
 
-def _non_negative_int(text: str) -> int:
-  try:
-    value = int(text)
-  except ValueError:
-    raise argparse.ArgumentTypeError(f'expected a whole number, got {text!r}') from None
-  if value < 0:
-    raise argparse.ArgumentTypeError(f'must be at least 0, got {value}')
-  return value
+_positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
