@@ -327,6 +327,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+  # --max-pixels works through the environment (so grain's worker processes see it too); a
+  # call of main() from Python gives the limit back when it returns.
+  pixel_limit = os.environ.get(MAX_PIXELS_ENV)
+  try:
+    return _main(argv)
+  finally:
+    if pixel_limit is None:
+      os.environ.pop(MAX_PIXELS_ENV, None)
+    else:
+      os.environ[MAX_PIXELS_ENV] = pixel_limit
+
+
+def _main(argv: list[str] | None) -> int:
   parser = build_parser()
   argv = sys.argv[1:] if argv is None else argv
   args, extra = parser.parse_known_args(argv)

@@ -212,7 +212,7 @@ def hostile(tmp_path_factory):
       'evaluate_fifo': (['evaluate', '--data',
                          str(d / 'fifo'), '--weights',
                          str(weights)], 'x.png', 'FIFO'),
-      # Last: --max-pixels sets the limit for the rest of the process.
+      # Last, as before main() gave the limit back when it returns.
       'png8_max_pixels': ([
           'restore',
           str(good),
@@ -332,3 +332,16 @@ def test_restore_refuses_an_output_hard_linked_to_an_input(tmp_path):
   os.link(source, tmp_path / 'out' / 'photo.png')
   with pytest.raises(FileExistsError, match='same file'):
     restore_files(None, [source], tmp_path / 'out', progress=False)  # refused before restoring
+
+
+def test_max_pixels_does_not_outlive_the_command(tmp_path, monkeypatch):
+  from mprnet_jax.cli import main
+  from mprnet_jax.image_io import MAX_PIXELS_ENV
+  monkeypatch.delenv(MAX_PIXELS_ENV, raising=False)
+  assert main([
+      'restore',
+      str(tmp_path / 'missing.png'), '--output',
+      str(tmp_path / 'out'), '--weights',
+      str(tmp_path / 'w.safetensors'), '--max-pixels', '200'
+  ]) == 2
+  assert MAX_PIXELS_ENV not in os.environ
