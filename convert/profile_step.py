@@ -32,7 +32,8 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from mprnet_jax import profiling  # noqa: E402
-from mprnet_jax.benchmark import SMOKE_SIZES, _parse_size, benchmark_config  # noqa: E402
+from mprnet_jax.benchmark import (  # noqa: E402
+    SMOKE_SIZES, _parse_size, _time_calls, benchmark_config)
 from mprnet_jax.model import MPRNet, compute_dtype  # noqa: E402
 from mprnet_jax.train_step import create_train_state, make_train_step  # noqa: E402
 
@@ -75,16 +76,8 @@ def profile_part(mode: str, *, dtype: str, batch: int, size: str, remat: str, sm
   """Compiles, times and traces one part; returns its report (`profiling.reduce_profile`)."""
   compiled, call, compile_s = _build(mode, dtype=dtype, batch=batch, size=size, remat=remat,
                                      smoke=smoke)
-  start = time.perf_counter()
-  jax.block_until_ready(call())
-  first_s = time.perf_counter() - start
-  for _ in range(warmup):
-    jax.block_until_ready(call())
-  untraced = []
-  for _ in range(max(steps, 3)):
-    start = time.perf_counter()
-    jax.block_until_ready(call())
-    untraced.append(time.perf_counter() - start)
+  # Timed as `mprnet benchmark` times (first call, warm-up, then each step synchronised).
+  first_s, untraced = _time_calls(call, max(steps, 3), warmup)
   traced = []
   # The profiler's own cost lands in the traced steps (on the GPU it also turns XLA's command
   # buffers off), so the step time reported beside the table is the untraced median.
