@@ -12,7 +12,8 @@ catches them.
 from __future__ import annotations
 
 __all__ = [
-    'MprnetError', 'ConfigError', 'CheckpointError', 'ImageError', 'DataError', 'NonFiniteTraining'
+    'MprnetError', 'ConfigError', 'CheckpointError', 'ImageError', 'DataError', 'StorageError',
+    'NonFiniteTraining'
 ]
 
 
@@ -34,6 +35,10 @@ class ImageError(MprnetError):
 
 class DataError(MprnetError):
   """A dataset folder, shard or protocol file that cannot be used."""
+
+
+class StorageError(MprnetError):
+  """A bucket, object or storage service (gs://...) that cannot be reached or used."""
 
 
 class NonFiniteTraining(MprnetError, FloatingPointError):

@@ -40,3 +40,29 @@ def fast_compile():
   yield
   del os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS']
   jax.config.update('jax_disable_most_optimizations', False)
+
+
+@pytest.fixture(scope='session')
+def gcs_emulator():
+  """A running GCS emulator (tests/gcs_emulator.py) with this process's clients pointed at it;
+  the test is skipped, with the reason, where the emulator's binary cannot run."""
+  import logging
+
+  from gcs_emulator import EmulatorUnavailable, GcsEmulator
+
+  try:
+    emulator = GcsEmulator().start()
+  except EmulatorUnavailable as exc:
+    pytest.skip(f'GCS emulator unavailable: {exc}. See README "TPU pod" for running these tests')
+  saved = {k: os.environ.get(k) for k in emulator.environ()}
+  os.environ.update(emulator.environ())
+  # gcsfs logs a warning per bucket when it cannot ask for the bucket's layout without
+  # credentials; harmless against an emulator.
+  logging.getLogger('gcsfs').setLevel(logging.ERROR)
+  yield emulator
+  emulator.stop()
+  for key, value in saved.items():
+    if value is None:
+      os.environ.pop(key, None)
+    else:
+      os.environ[key] = value
