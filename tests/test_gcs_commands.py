@@ -134,9 +134,10 @@ def test_library_calls_take_urls(gcs, tmp_path):
   # Errors name the URL, not the staged copy the reader saw.
   with pytest.raises(CheckpointError, match=f'^{b}/in/notes.pth: '):
     load_model(f'{b}/in/notes.pth')
-  written = restore_files(Restorer(model), [f'{b}/in/one.png'], f'{b}/lib/restored', progress=False)
+  restorer = Restorer(f'{b}/lib/w.safetensors')
+  written = restore_files(restorer, [f'{b}/in/one.png'], f'{b}/lib/restored', progress=False)
   assert written == [f'{b}/lib/restored/one.png']
-  restore_files(Restorer(model), [gcs.local / 'one.png'], tmp_path, progress=False)
+  restore_files(restorer, [gcs.local / 'one.png'], tmp_path, progress=False)
   assert _bytes(written[0]) == (tmp_path / 'one.png').read_bytes()
 
 
@@ -168,16 +169,20 @@ def test_evaluate_writes_what_local_paths_get(gcs, tmp_path, capsys):
   reports = {}
   for where, data, weights, out in [('local', str(local / 'pairs'), str(TINY), str(tmp_path)),
                                     ('bucket', f'{b}/in/pairs', f'{b}/in/tiny.pth', f'{b}/ev')]:
+    # The CSV goes where it has always gone by default, into the dataset folder, also for a URL.
     assert main([
-        'evaluate', '--weights', weights, '--data', data, '--save-images', f'{out}/saved', '--csv',
-        f'{out}/m.csv', '--json', f'{out}/m.json'
+        'evaluate', '--weights', weights, '--data', data, '--save-images', f'{out}/saved', '--json',
+        f'{out}/m.json'
     ]) == 0
     reports[where] = capsys.readouterr().out
   assert reports['bucket'].startswith(f'{b}/in/pairs: 2 images: PSNR')
   first_line = {where: report.splitlines()[0].split(': ', 1)[1] for where, report in reports.items()}
   assert first_line['bucket'] == first_line['local']
-  assert reports['bucket'].splitlines()[1:] == [f'per image: {b}/ev/m.csv', f'JSON: {b}/ev/m.json']
-  assert _bytes(f'{b}/ev/m.csv') == (tmp_path / 'm.csv').read_bytes()
+  assert reports['bucket'].splitlines()[1:] == [
+      f'per image: {b}/in/pairs/mprnet_metrics.csv', f'JSON: {b}/ev/m.json'
+  ]
+  local_csv = (local / 'pairs' / 'mprnet_metrics.csv').read_bytes()
+  assert _bytes(f'{b}/in/pairs/mprnet_metrics.csv') == local_csv
   remote_json = json.loads(_bytes(f'{b}/ev/m.json'))
   local_json = json.loads((tmp_path / 'm.json').read_text())
   assert remote_json['dataset'] == f'{b}/in/pairs'  # named as given, not the staged copy
@@ -244,6 +249,8 @@ def test_missing_bucket_or_object_is_one_line(gcs, tmp_path, capsys):
       (['convert', f'{b}/in/notes.pth', f'{b}/out/x.safetensors'], f'{b}/in/notes.pth: '),
       (['export', f'{b}/in/missing.safetensors', f'{b}/out/x.pth'], 'no such object'),
       (['export', str(TINY), f'{NO_BUCKET}/x.pth'], 'does not exist'),
+      (['export', f'{NO_BUCKET}/w.safetensors',
+        str(tmp_path / 'x.pth')], f'bucket {NO_BUCKET} does not exist'),
       (['restore', '--weights',
         str(TINY), f'{b}/in/nothing', '--output', f'{b}/out/r'], 'no such object or folder'),
       (['restore', '--weights',
