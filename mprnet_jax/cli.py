@@ -48,7 +48,7 @@ def _convert(args) -> None:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
   refuse_overwriting_inputs(out, [args.checkpoint] + ([args.reference] if args.reference else []),
                             FileExistsError)
-  storage.require_bucket(out)  # before converting, not after
+  storage.check_output(out)  # before converting, not after
   model = from_pytorch(args.checkpoint, task=args.task)
   sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
   print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
@@ -104,7 +104,7 @@ def _restore(args) -> None:
   ]
   for path in collect_inputs(inputs):
     read_size(path)
-  storage.require_bucket(args.output)
+  storage.check_output(args.output)
   written = restore_files(_restorer(args), inputs, args.output,
                           suffix=f'.{args.format}' if args.format else None)
   print(f'restored {len(written)} image(s) into {args.output}')
@@ -136,7 +136,7 @@ def _evaluate(args) -> None:
       refuse_overwriting_inputs(output_file, inputs, MprnetError)
   for output in (args.output, args.save_images, args.csv, args.json):
     if output:
-      storage.require_bucket(output)  # before any download or restoration
+      storage.check_output(output)  # before any download or restoration
   # URL datasets and results are staged into the local cache; the protocols read local files.
   data_dirs = [_staged(d, 'dataset folder') for d in args.data]
   staged_results = [_staged(r, 'results folder or file') for r in args.results or []]
@@ -228,7 +228,7 @@ def _export(args) -> None:
   if storage.exists(out) and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
   refuse_overwriting_inputs(out, [args.weights], FileExistsError)  # also through a hard link
-  storage.require_bucket(out)
+  storage.check_output(out)
   model = load_model(args.weights)
   task = args.task
   if task is None:  # keep what the source records; a task that does not fit is dropped

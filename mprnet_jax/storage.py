@@ -38,7 +38,7 @@ from mprnet_jax.errors import MprnetError, StorageError
 __all__ = [
     'is_remote', 'join', 'stage_root', 'stage_in', 'local_output', 'local_output_dir', 'upload',
     'exists', 'read_text', 'write_text', 'check_reachable', 'configure_emulator', 'is_dir',
-    'normalize', 'require_bucket', 'display_name', 'urls_in_errors'
+    'normalize', 'check_output', 'display_name', 'urls_in_errors'
 ]
 
 _URL = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
@@ -162,7 +162,7 @@ def normalize(url) -> str:
   return '/'.join([f'{scheme}://{bucket}', *parts])
 
 
-def require_bucket(url) -> None:
+def check_output(url) -> None:
   """For an output URL: StorageError now, before any work, if the storage cannot be reached or
   the bucket does not exist (`local_output` checks the same on entry). Nothing for a local path."""
   if is_remote(url):
