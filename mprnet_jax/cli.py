@@ -49,11 +49,13 @@ def _convert(args) -> None:
   refuse_overwriting_inputs(out, [args.checkpoint] + ([args.reference] if args.reference else []),
                             FileExistsError)
   storage.check_output(out)  # before converting, not after
+  reference = args.reference
+  if storage.is_remote(reference):  # downloaded (or found missing) before converting
+    reference = storage.stage_in(reference, 'reference file')
   model = from_pytorch(args.checkpoint, task=args.task)
   sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
   print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
   if args.reference:
-    reference = storage.stage_in(args.reference, 'reference file')
     with storage.urls_in_errors():
       ref = np.load(require_regular_file(reference, FileNotFoundError, 'reference file'))
     inputs = np.asarray(ref['input']).transpose(0, 2, 3, 1)
@@ -140,17 +142,21 @@ def _evaluate(args) -> None:
   # URL datasets and results are staged into the local cache; the protocols read local files.
   data_dirs = [_staged(d, 'dataset folder') for d in args.data]
   staged_results = [_staged(r, 'results folder or file') for r in args.results or []]
-  for data_dir in data_dirs:  # every dataset is checked before any weights are loaded
-    protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
-  restorer = _restorer(args) if args.weights is not None else None
   several = len(args.data) > 1
+
+  def per_dataset(folder, name):  # with several datasets, a subfolder each
+    return folder and (_subfolder(folder, name) if several else folder)
+
+  outputs = [(per_dataset(args.output, n), per_dataset(args.save_images, n)) for n in names]
+  for index, (data_arg, data_dir) in enumerate(zip(args.data, data_dirs)):
+    # every dataset is checked before any weights are loaded
+    protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
+    _refuse_remote_overwrites(protocol, data_arg, args.results[index] if args.results else None,
+                              *outputs[index])
+  restorer = _restorer(args) if args.weights is not None else None
   results = []
-  for index, (data_arg, data_dir, name) in enumerate(zip(args.data, data_dirs, names)):
-    output = args.output and (_subfolder(args.output, name) if several else args.output)
-    save_dir = args.save_images and (_subfolder(args.save_images, name)
-                                     if several else args.save_images)
-    results_arg = args.results[index] if args.results else None
-    _refuse_remote_overwrites(protocol, data_arg, results_arg, output, save_dir)
+  for index, (data_arg, data_dir) in enumerate(zip(args.data, data_dirs)):
+    output, save_dir = outputs[index]
     with _local_dir(output) as local_output, _local_dir(save_dir) as local_save:
       result = protocols.evaluate_dataset(protocol, data_dir, restorer=restorer,
                                           output_dir=local_output, save_dir=local_save,

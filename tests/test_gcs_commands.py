@@ -18,9 +18,10 @@ from PIL import Image
 from conftest import FIXTURES, shared_fixture
 from mprnet_jax import storage
 from mprnet_jax.cli import main
-from mprnet_jax.conversion import from_pytorch, to_pytorch_state_dict
+from mprnet_jax.conversion import from_pytorch, to_pytorch_state_dict, unwrap_state_dict
 from mprnet_jax.errors import CheckpointError
 from mprnet_jax.inference import Restorer, restore_files
+from mprnet_jax.torch_format import load_pth
 from mprnet_jax.weights import export_weights, load_model, save_weights
 
 # Only our own code's outputs are compared with each other, so XLA's optimisations do not matter.
@@ -101,15 +102,16 @@ def test_convert_and_export_write_what_local_paths_get(gcs, tmp_path, capsys):
       'convert', f'{b}/in/tiny.pth', f'{b}/w/tiny.safetensors', '--reference', f'{b}/in/missing.npz'
   ]) == 2
   assert 'no such object' in _one_error(capsys, 'convert')
-  assert not storage.exists(f'{b}/w/tiny.safetensors')  # failed before anything was written
+  assert not storage.exists(f'{b}/w/tiny.safetensors')  # failed before converting
   assert main(['convert', f'{b}/in/tiny.pth', f'{b}/w/tiny.safetensors']) == 0
   assert f'wrote {b}/w/tiny.safetensors' in capsys.readouterr().out
   assert _same_weights(_bytes(f'{b}/w/tiny.safetensors'),
                        (tmp_path / 'tiny.safetensors').read_bytes())
-  for name in ('e.pth', 'e.safetensors'):
-    assert main(['export', str(tmp_path / 'tiny.safetensors'), str(tmp_path / name)]) == 0
+  # Exported to .safetensors, weights without a task are what convert wrote.
+  assert main(['export', str(tmp_path / 'tiny.safetensors'), str(tmp_path / 'e.pth')]) == 0
+  for name, expected in (('e.pth', 'e.pth'), ('e.safetensors', 'tiny.safetensors')):
     assert main(['export', f'{b}/w/tiny.safetensors', f'{b}/w/{name}']) == 0
-    remote, here = _bytes(f'{b}/w/{name}'), (tmp_path / name).read_bytes()
+    remote, here = _bytes(f'{b}/w/{name}'), (tmp_path / expected).read_bytes()
     assert remote == here if name.endswith('.pth') else _same_weights(remote, here), name
   # An existing object needs --overwrite, and an input is never written over, also when spelt
   # another way (gcs:// is gs://).
@@ -123,18 +125,19 @@ def test_convert_and_export_write_what_local_paths_get(gcs, tmp_path, capsys):
 def test_library_calls_take_urls(gcs, tmp_path):
   b = gcs.bucket
   model = from_pytorch(f'{b}/in/tiny.pth')
-  expected = to_pytorch_state_dict(from_pytorch(TINY))
+  expected = unwrap_state_dict(load_pth(TINY))  # what the model holds, bit for bit
   assert save_weights(model, f'{b}/lib/w.safetensors') == f'{b}/lib/w.safetensors'
   assert export_weights(model, f'{b}/lib/w.pth') == f'{b}/lib/w.pth'
   for url in (f'{b}/lib/w.safetensors', f'{b}/lib/w.pth'):
-    back = to_pytorch_state_dict(load_model(url))
+    loaded = load_model(url)
+    back = to_pytorch_state_dict(loaded)
     assert all(np.array_equal(back[k], expected[k]) for k in expected), url
   with pytest.raises(FileExistsError, match='already exists'):
     save_weights(model, f'{b}/lib/w.safetensors')
   # Errors name the URL, not the staged copy the reader saw.
   with pytest.raises(CheckpointError, match=f'^{b}/in/notes.pth: '):
     load_model(f'{b}/in/notes.pth')
-  restorer = Restorer(f'{b}/lib/w.safetensors')
+  restorer = Restorer(loaded)
   written = restore_files(restorer, [f'{b}/in/one.png'], f'{b}/lib/restored', progress=False)
   assert written == [f'{b}/lib/restored/one.png']
   restore_files(restorer, [gcs.local / 'one.png'], tmp_path, progress=False)
