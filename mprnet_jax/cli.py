@@ -4,6 +4,10 @@ Each subcommand parses its arguments and calls the library; no math here. Bad in
 `MprnetError` from the library, or an `OSError` such as a missing file) ends with a one-line
 `mprnet <command>: error: ...` on stderr and exit status 2; anything else is a bug in our code
 and keeps its traceback.
+
+The paths of convert, restore, evaluate and export may be URLs (`gs://...`): inputs are staged
+into the local cache and outputs uploaded when complete (`storage.py`); a local path takes the
+same code as before, and error messages name the URL, never its staged copy.
 """
 
 from __future__ import annotations
@@ -314,7 +318,11 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='mprnet', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog='mprnet', description=__doc__.splitlines()[0],
+      epilog='convert, restore, evaluate and export take gs:// URLs wherever they take a path: '
+      'inputs are downloaded once into $MPRNET_STAGE_DIR (default ~/.cache/mprnet_jax/staged), '
+      'outputs are uploaded when complete')
   commands = parser.add_subparsers(dest='command', required=True)
 
   p = commands.add_parser('convert', help='convert an official PyTorch checkpoint')

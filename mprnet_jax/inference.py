@@ -88,8 +88,8 @@ def _inverse_geometric(x: jax.Array, mode: int) -> jax.Array:
 class Restorer:
   """Restores images with an MPRNet.
 
-  `Restorer(weights)` takes our .safetensors weights, an official .pth, a training workdir, or
-  an MPRNet. Calling it on an (H, W, 3) image (uint8, uint16, or float in [0, 1]; any H and W)
+  `Restorer(weights)` takes our .safetensors weights, an official .pth, a training workdir
+  (each a path or a `gs://` URL), or an MPRNet. Calling it on an (H, W, 3) image (uint8, uint16, or float in [0, 1]; any H and W)
   returns the restored image with the same dtype and size.
 
   Args:
