@@ -4,11 +4,16 @@ Each subcommand parses its arguments and calls the library; no math here. Bad in
 `MprnetError` from the library, or an `OSError` such as a missing file) ends with a one-line
 `mprnet <command>: error: ...` on stderr and exit status 2; anything else is a bug in our code
 and keeps its traceback.
+
+The paths of convert, restore, evaluate and export may be URLs (`gs://...`): inputs are staged
+into the local cache and outputs uploaded when complete (`storage.py`); a local path takes the
+same code as before, and error messages name the URL, never its staged copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -19,11 +24,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from mprnet_jax import protocols
+from mprnet_jax import protocols, storage
 from mprnet_jax.benchmark import run_benchmark, run_suite
 from mprnet_jax.config_loading import load_config
 from mprnet_jax.conversion import from_pytorch
-from mprnet_jax.errors import MprnetError
+from mprnet_jax.errors import DataError, MprnetError
 from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
 from mprnet_jax.image_io import MAX_PIXELS_ENV, read_size
 from mprnet_jax.inference import Restorer, collect_inputs, restore_files
@@ -36,17 +41,27 @@ from mprnet_jax.weights import export_weights, load_model, recorded_task, save_w
 USER_ERRORS = (MprnetError, OSError)
 
 
+def _output_path(path):
+  """A local output as a Path (as it has always been); a URL kept as the string given."""
+  return path if storage.is_remote(path) else Path(path)
+
+
 def _convert(args) -> None:
-  out = Path(args.out)
-  if out.exists() and not args.overwrite:
+  out = _output_path(args.out)
+  if storage.exists(out) and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
   refuse_overwriting_inputs(out, [args.checkpoint] + ([args.reference] if args.reference else []),
                             FileExistsError)
+  storage.check_output(out)  # before converting, not after
+  reference = args.reference
+  if storage.is_remote(reference):  # downloaded (or found missing) before converting
+    reference = storage.stage_in(reference, 'reference file')
   model = from_pytorch(args.checkpoint, task=args.task)
   sizes = ', '.join(f'{k}={v}' for k, v in model.config.to_dict().items())
   print(f'{args.checkpoint}: MPRNet({sizes}), {count_params(model):,} parameters')
   if args.reference:
-    ref = np.load(require_regular_file(args.reference, FileNotFoundError, 'reference file'))
+    with storage.urls_in_errors():
+      ref = np.load(require_regular_file(reference, FileNotFoundError, 'reference file'))
     inputs = np.asarray(ref['input']).transpose(0, 2, 3, 1)
     outputs = jax.jit(lambda m, x: m(x))(model, inputs)
     for out_array, stage in zip(outputs, ['stage3', 'stage2', 'stage1']):
@@ -86,11 +101,17 @@ def _restorer(args):
 
 
 def _restore(args) -> None:
-  # Fail on a missing, non-regular, unreadable or too large input before loading any weights
-  # (headers only: nothing is decoded here).
-  for path in collect_inputs(args.inputs):
+  # Fail on a missing, non-regular, unreadable or too large input, or an output bucket that is
+  # not there, before loading any weights (headers only: nothing is decoded here). URL inputs
+  # are staged once, here.
+  inputs = [
+      storage.stage_in(item, 'image or folder of images') if storage.is_remote(item) else item
+      for item in args.inputs
+  ]
+  for path in collect_inputs(inputs):
     read_size(path)
-  written = restore_files(_restorer(args), args.inputs, args.output,
+  storage.check_output(args.output)
+  written = restore_files(_restorer(args), inputs, args.output,
                           suffix=f'.{args.format}' if args.format else None)
   print(f'restored {len(written)} image(s) into {args.output}')
 
@@ -111,7 +132,7 @@ def _evaluate(args) -> None:
   if args.save_images and (protocol not in protocols.FOLDER_PROTOCOLS or args.weights is None):
     raise MprnetError('--save-images saves the restorations of --weights on image folders '
                       '(sidd and dnd write theirs with --output)')
-  names = [Path(d).resolve().name for d in args.data]
+  names = [_dataset_name(d) for d in args.data]
   if len(args.data) > 1 and (args.output or args.save_images) and len(set(names)) < len(names):
     raise MprnetError('two --data folders share a name, so their --output/--save-images '
                       'subfolders would collide; evaluate them in separate calls')
@@ -119,25 +140,43 @@ def _evaluate(args) -> None:
   for output_file in (args.csv, args.json):  # a report never replaces an input
     if output_file:
       refuse_overwriting_inputs(output_file, inputs, MprnetError)
-  for data_dir in args.data:  # every dataset is checked before any weights are loaded
-    protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
-  restorer = _restorer(args) if args.weights is not None else None
+  for output in (args.output, args.save_images, args.csv, args.json):
+    if output:
+      storage.check_output(output)  # before any download or restoration
+  # URL datasets and results are staged into the local cache; the protocols read local files.
+  data_dirs = [_staged(d, 'dataset folder') for d in args.data]
+  staged_results = [_staged(r, 'results folder or file') for r in args.results or []]
   several = len(args.data) > 1
+
+  def per_dataset(folder, name):  # with several datasets, a subfolder each
+    return folder and (_subfolder(folder, name) if several else folder)
+
+  outputs = [(per_dataset(args.output, n), per_dataset(args.save_images, n)) for n in names]
+  for index, (data_arg, data_dir) in enumerate(zip(args.data, data_dirs)):
+    # every dataset is checked before any weights are loaded
+    protocols.check_dataset(protocol, data_dir, weights_mode=args.results is None)
+    _refuse_remote_overwrites(protocol, data_arg, args.results[index] if args.results else None,
+                              *outputs[index])
+  restorer = _restorer(args) if args.weights is not None else None
   results = []
-  for index, (data_dir, name) in enumerate(zip(args.data, names)):
-    output = args.output and (Path(args.output) / name if several else args.output)
-    save_dir = args.save_images and (Path(args.save_images) / name if several else args.save_images)
-    result = protocols.evaluate_dataset(protocol, data_dir, restorer=restorer, output_dir=output,
-                                        save_dir=save_dir,
-                                        results=args.results[index] if args.results else None,
-                                        batch_size=args.batch)
+  for index, (data_arg, data_dir) in enumerate(zip(args.data, data_dirs)):
+    output, save_dir = outputs[index]
+    with _local_dir(output) as local_output, _local_dir(save_dir) as local_save:
+      result = protocols.evaluate_dataset(protocol, data_dir, restorer=restorer,
+                                          output_dir=local_output, save_dir=local_save,
+                                          results=staged_results[index] if args.results else None,
+                                          batch_size=args.batch)
+    if storage.is_remote(data_arg):  # the reports name the dataset as given, not its copy
+      result['dataset'] = data_arg
+    if 'written' in result and storage.is_remote(output):
+      result['written'] = [storage.join(output, Path(p).name) for p in result['written']]
     results.append(result)
     if protocol == 'dnd':
-      print(f'{data_dir}: restored {result["images"]} images ({result["patches"]} patches) '
+      print(f'{data_arg}: restored {result["images"]} images ({result["patches"]} patches) '
             f'into {output}/NNNN.mat. DND has no public ground truth, so no score is printed: '
             'upload these files to the DND benchmark for one')
     else:
-      print(f'{data_dir}: {result["images"]} images: PSNR {result["psnr"]:.4f} dB, '
+      print(f'{data_arg}: {result["images"]} images: PSNR {result["psnr"]:.4f} dB, '
             f'SSIM {result["ssim"]:.4f} ({protocol}: {protocols.PROTOCOLS[protocol]})')
   if several and protocol != 'dnd':
     mean = protocols.mean_row(results)
@@ -145,18 +184,61 @@ def _evaluate(args) -> None:
           f'dB, SSIM {mean["ssim"]:.4f}')
   csv_path = args.csv
   if csv_path is None and protocol == 'rgb' and args.weights is not None and not several:
-    csv_path = Path(args.data[0]) / 'mprnet_metrics.csv'  # where it has always been written
+    # where it has always been written
+    csv_path = _subfolder(args.data[0], 'mprnet_metrics.csv')
   if csv_path is not None and protocol != 'dnd':
-    print(f'per image: {protocols.write_csv(csv_path, results)}')
+    with storage.local_output(csv_path) as local:
+      written = protocols.write_csv(local, results)
+    print(f'per image: {csv_path if storage.is_remote(csv_path) else written}')
   if args.json:
-    print(f'JSON: {protocols.write_json(args.json, protocol, results)}')
+    with storage.local_output(args.json) as local:
+      written = protocols.write_json(local, protocol, results)
+    print(f'JSON: {args.json if storage.is_remote(args.json) else written}')
+
+
+def _dataset_name(path) -> str:
+  """A dataset's name (its folder's): the last component of a URL, or of the resolved path."""
+  if storage.is_remote(path):
+    return storage.normalize(path).rsplit('/', 1)[-1]
+  return Path(path).resolve().name
+
+
+def _subfolder(base, name: str):
+  return storage.join(base, name) if storage.is_remote(base) else Path(base) / name
+
+
+def _staged(path, what: str):
+  return storage.stage_in(path, what) if storage.is_remote(path) else path
+
+
+def _local_dir(path):
+  """Where to write an output folder (None: no folder asked for): the folder, or for a URL a
+  local one uploaded when the block ends without an error."""
+  return storage.local_output_dir(path) if path else contextlib.nullcontext(path)
+
+
+def _refuse_remote_overwrites(protocol: str, data, results, output, save_dir) -> None:
+  """The protocols' never-over-the-dataset checks, for output URLs: they only see the local
+  copies, so the URLs are compared here (normalised: an object has no inode)."""
+  if storage.is_remote(save_dir):
+    protected = [storage.join(data, 'input'), storage.join(data, 'target'), results]
+    if any(
+        storage.is_remote(p) and storage.normalize(p) == storage.normalize(save_dir)
+        for p in protected):
+      raise DataError(f'{save_dir}: would overwrite the dataset; choose another '
+                      '--save-images')
+  if protocol == 'dnd' and storage.is_remote(output) and storage.is_remote(data):
+    if storage.normalize(output) == storage.normalize(storage.join(data, 'images_srgb')):
+      raise DataError(f'{output}: would overwrite the DND images; choose another '
+                      '--output')
 
 
 def _export(args) -> None:
-  out = Path(args.out)
-  if out.exists() and not args.overwrite:
+  out = _output_path(args.out)
+  if storage.exists(out) and not args.overwrite:
     raise FileExistsError(f'{out}: already exists (use --overwrite to replace it)')
   refuse_overwriting_inputs(out, [args.weights], FileExistsError)  # also through a hard link
+  storage.check_output(out)
   model = load_model(args.weights)
   task = args.task
   if task is None:  # keep what the source records; a task that does not fit is dropped
@@ -236,7 +318,11 @@ _positive_int, _non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse.ArgumentParser(prog='mprnet', description=__doc__.splitlines()[0])
+  parser = argparse.ArgumentParser(
+      prog='mprnet', description=__doc__.splitlines()[0],
+      epilog='convert, restore, evaluate and export take gs:// URLs wherever they take a path: '
+      'inputs are downloaded once into $MPRNET_STAGE_DIR (default ~/.cache/mprnet_jax/staged), '
+      'outputs are uploaded when complete')
   commands = parser.add_subparsers(dest='command', required=True)
 
   p = commands.add_parser('convert', help='convert an official PyTorch checkpoint')
@@ -359,6 +445,7 @@ def _main(argv: list[str] | None) -> int:
       handlers[args.command](args)
   except USER_ERRORS as error:
     message = str(error).splitlines()[0] if str(error) else type(error).__name__
+    message = storage.display_name(message)  # a staged copy is named by its URL
     print(f'mprnet {args.command}: error: {message}', file=sys.stderr)
     return 2
   except KeyboardInterrupt:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from mprnet_jax import storage
 from mprnet_jax.model import PRESETS, MPRNet, MPRNetConfig
 from mprnet_jax.torch_format import CheckpointError, load_pth
 
@@ -213,11 +214,15 @@ def from_pytorch(path_or_state_dict, *, task: str | None = None, dtype=None, par
   Reads `.pth` files (zip or legacy format) without torch and without running code from them;
   accepts a wrapped (`{'state_dict': ...}`) or bare state dict, with or without `module.`.
   The sizes come from the tensor shapes; `task`, when given, must agree with them. `source`
-  names the weights in error messages.
+  names the weights in error messages. A URL (`gs://...`) is staged into the local cache first.
   """
   if isinstance(path_or_state_dict, (str, os.PathLike)):
     source = source or os.fspath(path_or_state_dict)
-    checkpoint = load_pth(path_or_state_dict)
+    path = path_or_state_dict
+    if storage.is_remote(path):
+      path = storage.stage_in(path, 'checkpoint file')
+    with storage.urls_in_errors():
+      checkpoint = load_pth(path)
   else:
     source, checkpoint = source or 'state dict', path_or_state_dict
   state = unwrap_state_dict(checkpoint, source)

@@ -18,6 +18,8 @@ import stat
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from mprnet_jax import storage
+
 __all__ = ['require_regular_file', 'refuse_overwriting_inputs', 'atomic_output']
 
 
@@ -46,7 +48,13 @@ def require_regular_file(path, error: type[Exception], what: str = 'file') -> Pa
 
 def refuse_overwriting_inputs(output, inputs: Iterable, error: type[Exception]) -> None:
   """Raise `error` if `output` exists and is the same file (same inode: hard link, symlink,
-  another spelling of the path) as any of `inputs`; a folder input covers the files in it."""
+  another spelling of the path) as any of `inputs`; a folder input covers the files in it.
+  A URL `output` is compared with the URL inputs by their normalised spelling (an object has
+  no inode); local and URL paths never name the same file."""
+  if storage.is_remote(output):
+    _refuse_overwriting_remote(os.fspath(output), inputs, error)
+    return
+  inputs = [item for item in inputs if not storage.is_remote(item)]
   output = Path(output)
   if not output.exists():
     return
@@ -62,6 +70,20 @@ def refuse_overwriting_inputs(output, inputs: Iterable, error: type[Exception]) 
       except OSError:  # vanished or unreadable: cannot be what we are about to write
         same = False
       if same:
+        raise error(f'{output}: is the input {candidate} (same file); '
+                    'refusing to write over an input')
+
+
+def _refuse_overwriting_remote(output: str, inputs: Iterable, error: type[Exception]) -> None:
+  target = storage.normalize(output)
+  for item in inputs:
+    if not storage.is_remote(item):
+      continue
+    source = storage.normalize(item)
+    if target == source or target.startswith(source + '/'):
+      # As for local files: only an object that is there is an input to protect.
+      if storage.exists(output):
+        candidate = os.fspath(item) if target == source else output
         raise error(f'{output}: is the input {candidate} (same file); '
                     'refusing to write over an input')
 

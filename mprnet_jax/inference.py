@@ -14,7 +14,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from mprnet_jax import tiling
+from mprnet_jax import storage, tiling
 from mprnet_jax.errors import MprnetError
 from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
 from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
@@ -88,8 +88,8 @@ def _inverse_geometric(x: jax.Array, mode: int) -> jax.Array:
 class Restorer:
   """Restores images with an MPRNet.
 
-  `Restorer(weights)` takes our .safetensors weights, an official .pth, a training workdir, or
-  an MPRNet. Calling it on an (H, W, 3) image (uint8, uint16, or float in [0, 1]; any H and W)
+  `Restorer(weights)` takes our .safetensors weights, an official .pth, a training workdir
+  (each a path or a `gs://` URL), or an MPRNet. Calling it on an (H, W, 3) image (uint8, uint16, or float in [0, 1]; any H and W)
   returns the restored image with the same dtype and size.
 
   Args:
@@ -227,26 +227,55 @@ def collect_inputs(inputs: Iterable[str | os.PathLike]) -> list[Path]:
 
 def restore_files(restorer: Restorer, inputs: Iterable[str | os.PathLike],
                   output_dir: str | os.PathLike, *, suffix: str | None = None,
-                  progress: bool = True) -> list[Path]:
+                  progress: bool = True) -> list[Path | str]:
   """Restores every image of `inputs` into `output_dir` (same name; same format unless
-  `suffix`); never writes over an input. Returns the written paths."""
-  files = collect_inputs(inputs)
-  output_dir = Path(output_dir)
-  if output_dir.exists() and not output_dir.is_dir():
-    raise NotADirectoryError(f'{output_dir}: output folder is a file')
-  targets = [output_dir / (f.stem + (suffix or f.suffix)) for f in files]
-  resolved_inputs = {f.resolve() for f in files}
-  for target in targets:
-    if target.resolve() in resolved_inputs:
-      raise FileExistsError(f'{target}: would overwrite an input; choose another --output')
-    refuse_overwriting_inputs(target, files, FileExistsError)  # hard links: the same inode
+  `suffix`); never writes over an input. Returns the written paths.
+
+  Inputs and `output_dir` may be URLs (`gs://...`): inputs are staged into the local cache,
+  and the restorations are written to a local folder and uploaded when all are done (their
+  URLs are returned)."""
+  inputs = [
+      storage.stage_in(item, 'image or folder of images') if storage.is_remote(item) else item
+      for item in inputs
+  ]
+  with storage.urls_in_errors():
+    files = collect_inputs(inputs)
+  if storage.is_remote(output_dir):
+    targets = _remote_targets(files, os.fspath(output_dir), suffix)
+  else:
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+      raise NotADirectoryError(f'{output_dir}: output folder is a file')
+    targets = [output_dir / (f.stem + (suffix or f.suffix)) for f in files]
+    resolved_inputs = {f.resolve() for f in files}
+    for target in targets:
+      if target.resolve() in resolved_inputs:
+        raise FileExistsError(f'{target}: would overwrite an input; choose another --output')
+      refuse_overwriting_inputs(target, files, FileExistsError)  # hard links: the same inode
   if len(set(targets)) != len(targets):
     raise MprnetError('two inputs share a file name; restore them into separate folders')
-  output_dir.mkdir(parents=True, exist_ok=True)
-  for source, target in tqdm(list(zip(files, targets)), desc='restore', unit='img',
-                             disable=not progress):
-    image, info = read_image(source)
-    write_image(target, restorer.restore_float(image), info)
+  with storage.local_output_dir(output_dir) as local_dir:
+    local_dir.mkdir(parents=True, exist_ok=True)
+    for source, target in tqdm(list(zip(files, targets)), desc='restore', unit='img',
+                               disable=not progress):
+      with storage.urls_in_errors():
+        image, info = read_image(source)
+      write_image(local_dir / Path(target).name, restorer.restore_float(image), info)
+  return targets
+
+
+def _remote_targets(files: list[Path], output_url: str, suffix: str | None) -> list[str]:
+  """The URLs the restorations of `files` go to, refusing any that is an input: an object has
+  no inode, so inputs and outputs are compared by their normalised URLs (a staged input by the
+  URL it was staged from)."""
+  if storage.exists(output_url) and not storage.is_dir(output_url):
+    raise NotADirectoryError(f'{output_url}: output folder is a file')
+  staged_from = [storage.display_name(os.fspath(f)) for f in files]
+  input_urls = {storage.normalize(url) for url in staged_from if storage.is_remote(url)}
+  targets = [storage.join(output_url, f.stem + (suffix or f.suffix)) for f in files]
+  for target in targets:
+    if storage.normalize(target) in input_urls:
+      raise FileExistsError(f'{target}: would overwrite an input; choose another --output')
   return targets
 
 

@@ -20,22 +20,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import re
 import secrets
 import socket
 import tempfile
 import urllib.parse
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from mprnet_jax.errors import StorageError
+from mprnet_jax.errors import MprnetError, StorageError
 
 __all__ = [
     'is_remote', 'join', 'stage_root', 'stage_in', 'local_output', 'local_output_dir', 'upload',
-    'exists', 'read_text', 'write_text', 'check_reachable', 'configure_emulator'
+    'exists', 'read_text', 'write_text', 'check_reachable', 'configure_emulator', 'is_dir',
+    'normalize', 'check_output', 'display_name', 'urls_in_errors'
 ]
 
 _URL = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
@@ -116,6 +119,10 @@ def _filesystem(url: str):
   import fsspec  # imported here: the local path never needs it
 
   check_reachable(url)
+  if os.environ.get('STORAGE_EMULATOR_HOST'):
+    # Without credentials gcsfs warns, once per request, that it cannot ask for a bucket's
+    # layout; harmless against an emulator, and it would bury the command's own output.
+    logging.getLogger('gcsfs').setLevel(logging.ERROR)
   try:
     return fsspec.core.url_to_fs(url)
   except (ImportError, ValueError) as exc:
@@ -136,6 +143,56 @@ def exists(url) -> bool:
     return os.path.exists(url)
   fs, path = _filesystem(os.fspath(url))
   return fs.exists(path)
+
+
+def is_dir(url) -> bool:
+  """Whether `url` is a folder (for a URL: a prefix with objects under it, or a bucket)."""
+  if not is_remote(url):
+    return os.path.isdir(url)
+  fs, path = _filesystem(os.fspath(url))
+  return fs.isdir(path)
+
+
+def normalize(url) -> str:
+  """One spelling of a URL, to tell whether two name the same object: `gcs://` as `gs://`,
+  repeated slashes, `.` components and a trailing slash removed."""
+  scheme, bucket, key = _split(os.fspath(url))
+  scheme = {'gcs': 'gs'}.get(scheme, scheme)
+  parts = [part for part in key.split('/') if part not in ('', '.')]
+  return '/'.join([f'{scheme}://{bucket}', *parts])
+
+
+def check_output(url) -> None:
+  """For an output URL: StorageError now, before any work, if the storage cannot be reached or
+  the bucket does not exist (`local_output` checks the same on entry). Nothing for a local path."""
+  if is_remote(url):
+    url = os.fspath(url)
+    fs, _ = _filesystem(url)
+    _require_bucket(url, fs)
+
+
+def display_name(text: str) -> str:
+  """`text` with each staged copy's path (`<stage root>/<scheme>/<bucket>/...`) written as the
+  URL it was staged from, so that messages name what the user gave."""
+  root = os.fspath(stage_root())
+  if root not in text:
+    return text
+  return re.sub(re.escape(root) + r'/([^/\s]+)/([^/\s]+)', r'\1://\2', text)
+
+
+@contextlib.contextmanager
+def urls_in_errors() -> Iterator[None]:
+  """User errors (MprnetError, OSError) raised in the block name URLs instead of the staged
+  copies that the code inside read (see `display_name`); other exceptions pass untouched."""
+  try:
+    yield
+  except (MprnetError, OSError) as exc:
+    exc.args = tuple(display_name(a) if isinstance(a, str) else a for a in exc.args)
+    if isinstance(exc, OSError):
+      for attribute in ('filename', 'filename2'):
+        if isinstance(getattr(exc, attribute), str):
+          setattr(exc, attribute, display_name(getattr(exc, attribute)))
+    raise
 
 
 def read_text(url) -> str:
@@ -236,12 +293,17 @@ def upload(local, url: str) -> None:
   fs, remote = _filesystem(url)
   local = Path(local)
   files = [local] if local.is_file() else sorted(p for p in local.rglob('*') if p.is_file())
-  for file in files:
-    target = remote if file == local else f'{remote}/{file.relative_to(local).as_posix()}'
-    try:
-      fs.put_file(os.fspath(file), target)
-    except FileNotFoundError:
-      raise _missing(url, fs) from None
+  with warnings.catch_warnings():
+    # aiohttp's advice to gcsfs (which sends a small object as one bytes body) is no news to
+    # the user; the command line shows ResourceWarnings, so it would print on every upload.
+    warnings.filterwarnings('ignore', message='Sending a large body directly',
+                            category=ResourceWarning)
+    for file in files:
+      target = remote if file == local else f'{remote}/{file.relative_to(local).as_posix()}'
+      try:
+        fs.put_file(os.fspath(file), target)
+      except FileNotFoundError:
+        raise _missing(url, fs) from None
 
 
 @contextlib.contextmanager
