@@ -361,7 +361,7 @@ def list_names(url: str) -> list[str]:
   """The names of the objects and folders directly under the folder URL, freshly listed
   (another host may have written since this process last looked); [] if there are none."""
   fs, remote = _filesystem(url)
-  fs.invalidate_cache(remote)
+  fs.invalidate_cache()  # every cached listing: `exists` calls that follow ask afresh too
   try:
     return sorted(name.rstrip('/').rsplit('/', 1)[-1] for name in fs.ls(remote, detail=False))
   except FileNotFoundError:

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from mprnet_jax import storage, train_logging
-from mprnet_jax.builders import build_model, build_sources
+from mprnet_jax.builders import build_sources
 from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock, load_model_from_workdir
 from mprnet_jax.cli import main
 from mprnet_jax.config_loading import load_config
@@ -33,13 +33,16 @@ from mprnet_jax.trainer import train
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
 
 SMOKE = Path(__file__).resolve().parents[1] / 'experiments' / 'smoke.py'
-STOP_AFTER = 5  # SIGTERM arrives during step 5: not a checkpoint step of the smoke config
+STEPS = 4
+STOP_AFTER = 3  # SIGTERM arrives during step 3, in the middle of the second epoch
 
 
-def shard_config(root: str, num_steps: int = 6):
+def shard_config(root: str):
+  # Checkpoints and validation only where a run stops (on SIGTERM, and at its last step): each
+  # save to the emulator costs about as much as the steps.
   return load_config(SMOKE, [
-      f'num_steps={num_steps}', 'data.kind=shards', f'data.train_dir={root}/train',
-      f'data.val_dir={root}/val'
+      f'num_steps={STEPS}', 'checkpoint_every=1000', 'eval_every=1000', 'data.kind=shards',
+      f'data.train_dir={root}/train', f'data.val_dir={root}/val'
   ])
 
 
@@ -75,7 +78,7 @@ def local_run(shards, tmp_path_factory):
 
 @pytest.fixture(scope='module')
 def bucket_run(gcs_emulator, shards, stage_dir):
-  """The same run with its workdir and data in buckets: stopped by SIGTERM during step 5 (as a
+  """The same run with its workdir and data in buckets: stopped by SIGTERM during step 3 (as a
   preempted TPU VM is), then the same command again. Returns (workdir, first result, what the
   bucket held after the stop, resumed result)."""
   workdir = gcs_emulator.make_bucket('mprnet-runs') + '/smoke'
@@ -105,10 +108,10 @@ def test_preempted_run_in_buckets_resumes_to_the_parameters_of_a_run_on_disk(
   local_workdir, local = local_run
   workdir, first, after_stop, resumed = bucket_run
   assert first['interrupted'] and first['step'] == STOP_AFTER
-  assert after_stop['steps'][-1] == STOP_AFTER  # the save on SIGTERM, committed
+  assert after_stop['steps'] == [STOP_AFTER]  # the save on SIGTERM, committed
   assert max(r['step'] for r in map(json.loads, after_stop['metrics'].splitlines())) == STOP_AFTER
   assert 'trainer.lock' not in after_stop['names']
-  assert resumed['resumed_from'] == STOP_AFTER and resumed['step'] == 6
+  assert resumed['resumed_from'] == STOP_AFTER and resumed['step'] == STEPS
   assert not resumed['interrupted']
   leaves = jax.tree.leaves(resumed['state'].params)
   assert len(leaves) == len(jax.tree.leaves(local['state'].params))
@@ -130,14 +133,13 @@ def test_bucket_workdir_holds_what_a_local_one_does(bucket_run, stage_dir):
   assert storage.list_names(workdir) == [
       'checkpoints', 'config.json', 'curves.png', 'images', 'metrics.jsonl', 'tensorboard'
   ]
-  assert storage.list_names(storage.join(workdir,
-                                         'images')) == ['val_0000003.png', 'val_0000006.png']
+  assert storage.list_names(storage.join(workdir, 'images')) == [f'val_{STEPS:07d}.png']
   events = storage.list_names(storage.join(workdir, 'tensorboard'))
   assert len(events) == 2 and all(e.startswith('events.out.tfevents.') for e in events)
   config = json.loads(storage.read_text(storage.join(workdir, 'config.json')))
   assert config['data']['train_dir'].startswith('gs://mprnet-data/')
-  # The resumed run's checkpoints are there, and the best loads from the bucket.
-  assert TrainCheckpointer(workdir).all_steps()[-3:] == [4, 5, 6]
+  # Both runs' checkpoints are there, and the best loads from the bucket.
+  assert TrainCheckpointer(workdir).all_steps() == [STOP_AFTER, STEPS]
   model = load_model_from_workdir(workdir)
   assert model.config.n_feat == 8
   # The shards were staged on this host, once.
@@ -162,44 +164,41 @@ def test_lock_in_a_bucket_is_exclusive_and_a_dead_holders_is_taken_over(gcs_emul
     assert holder['pid'] == os.getpid()
 
 
-def test_failed_save_and_damaged_checkpoint_in_a_bucket(gcs_emulator, monkeypatch, capfd):
+def test_failed_save_and_damaged_checkpoint_in_a_bucket(bucket_run, monkeypatch, capfd):
+  """Last of the tests on `bucket_run`'s workdir: it changes it."""
   import orbax.checkpoint as ocp
-
-  from mprnet_jax import train_step as step_lib
-  workdir = gcs_emulator.make_bucket('mprnet-damage') + '/run'
-  config = load_config(SMOKE)
-  _, state = step_lib.create_train_state(build_model(config), config, 2, 0)
+  workdir, _, _, resumed = bucket_run
+  state = resumed['state']
   checkpointer = TrainCheckpointer(workdir, keep=3)
-  for step in (1, 2):
-    checkpointer.save(state.replace(step=state.step + step), {'at': step})
-    checkpointer.wait()
 
   async def service_error(self, item, directory):
     raise OSError('503 Service Unavailable')
 
   monkeypatch.setattr(ocp.JsonCheckpointHandler, '_save_fn', service_error)
-  checkpointer.save(state.replace(step=state.step + 3), {'at': 3})
-  with pytest.raises(CheckpointError, match=r'saving the checkpoint of step 3 in gs://.* failed'):
+  checkpointer.save(state.replace(step=state.step + 1), {'at': STEPS + 1})
+  with pytest.raises(CheckpointError,
+                     match=rf'saving the checkpoint of step {STEPS + 1} in gs://.* failed'):
     checkpointer.close()
   monkeypatch.undo()
   time.sleep(1)  # orbax's writes of the other items, still landing
   checkpoints = storage.join(workdir, 'checkpoints')
   fresh = TrainCheckpointer(workdir)
-  fresh.discard_unfinished_saves()  # whatever of step 3 landed after the failure
-  assert storage.list_names(checkpoints) == ['1', '2'] and fresh.latest_step() == 2
-  # Step 2's parameters cut short: set aside in the bucket, step 1 restored.
+  fresh.discard_unfinished_saves()  # whatever of the failed save landed after the failure
+  assert storage.list_names(checkpoints) == [str(STOP_AFTER), str(STEPS)]
+  assert fresh.latest_step() == STEPS
+  # The newest checkpoint's parameters cut short: set aside in the bucket, the previous used.
   fs, _ = storage._filesystem(checkpoints)
   fs.invalidate_cache()
-  data = [f for f in fs.find(f'{checkpoints}/2/params') if '/d/' in f]
+  data = [f for f in fs.find(f'{checkpoints}/{STEPS}/params') if '/d/' in f]
   assert data
   for name in data:
     fs.pipe_file(name, fs.cat_file(name)[:8])
   capfd.readouterr()
-  restored, loader_state, step = fresh.restore_latest(state)
+  restored, _, step = fresh.restore_latest(state)
   fresh.close()
-  assert step == 1 and loader_state == {'at': 1} and int(restored.step) == 1
-  assert 'checkpoints/2 is unreadable' in capfd.readouterr().err
-  assert storage.list_names(checkpoints) == ['1', '2.corrupt']
+  assert step == STOP_AFTER and int(restored.step) == STOP_AFTER
+  assert f'checkpoints/{STEPS} is unreadable' in capfd.readouterr().err
+  assert storage.list_names(checkpoints) == [str(STOP_AFTER), f'{STEPS}.corrupt']
 
 
 def cli_train(workdir: str, *overrides: str) -> int:
