@@ -368,7 +368,7 @@ class TrainCheckpointer:
         removed.append(path.name)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('mprnet_checkpoint_discard_unfinished')
-    if removed and self._remote:
+    if self._remote:  # every process: process 0 may have removed what the others listed
       _forget_listings(self.directory)
       self._manager.reload()
     return removed
@@ -455,6 +455,7 @@ class TrainCheckpointer:
       # In a bucket the step folder is where orbax writes (no temporary folder): what a failed
       # save left there is removed now; writes still landing are the next run's to remove.
       with contextlib.suppress(Exception):
+        _forget_listings(self.directory)
         self._manager.reload()
         if step not in self._manager.all_steps():
           storage.remove_tree(os.fspath(self.directory / str(step)))
@@ -546,7 +547,6 @@ class TrainCheckpointer:
         while target in names:
           target, suffix = f'{step}.corrupt{suffix}', suffix + 1
         storage.move_tree(storage.join(url, str(step)), storage.join(url, target))
-        _forget_listings(self.directory)
     elif jax.process_index() == 0:
       path = self.directory / str(step)
       if path.exists():
@@ -557,6 +557,10 @@ class TrainCheckpointer:
         os.replace(path, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'mprnet_checkpoint_set_aside_{step}')
+    if self._remote:
+      # Every process: a listing cached before process 0 moved the step would still show it,
+      # and a process that believes a step saved skips the save the others make.
+      _forget_listings(self.directory)
     self._manager.reload()
 
   def wait(self, poll_s: float = 0.05, give_up=None) -> None:
