@@ -201,6 +201,32 @@ def test_failed_save_and_damaged_checkpoint_in_a_bucket(bucket_run, monkeypatch,
   assert storage.list_names(checkpoints) == [str(STOP_AFTER), f'{STEPS}.corrupt']
 
 
+def test_image_folders_and_shard_patterns_in_a_bucket_are_staged(gcs_emulator, shards, stage_dir,
+                                                                 tmp_path):
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  for sub in ('input', 'target'):
+    (tmp_path / 'pairs' / sub).mkdir(parents=True)
+    for name in ('a.png', 'b.png'):
+      Image.fromarray(rng.integers(0, 256, (16, 24, 3),
+                                   dtype=np.uint8)).save(tmp_path / 'pairs' / sub / name)
+  bucket = gcs_emulator.make_bucket('mprnet-images')
+  storage.upload(tmp_path / 'pairs', f'{bucket}/pairs')
+  paired, _ = build_sources(
+      load_config(
+          SMOKE,
+          ['data.kind=paired', f'data.train_dir={bucket}/pairs', f'data.val_dir={bucket}/pairs']))
+  assert paired.names == ['a.png', 'b.png']
+  assert Path(paired.root).is_relative_to(stage_dir)
+  synthetic, _ = build_sources(load_config(SMOKE, [f'data.train_dir={bucket}/pairs/target']))
+  assert len(synthetic) == 2
+  pattern = f'{shards[1]}/train/train.array_record-*'
+  sharded, _ = build_sources(
+      load_config(SMOKE,
+                  ['data.kind=shards', f'data.train_dir={pattern}', f'data.val_dir={pattern}']))
+  assert len(sharded) == 4 and Path(sharded.paths[0]).is_relative_to(stage_dir)
+
+
 def cli_train(workdir: str, *overrides: str) -> int:
   return main(['train', '--config',
                str(SMOKE), '--workdir', workdir, '--config.num_steps=1'] +
