@@ -20,6 +20,7 @@ import optax
 from flax import nnx
 
 from mprnet_jax import data as data_lib
+from mprnet_jax import storage
 from mprnet_jax.errors import DataError
 from mprnet_jax.image_io import IMAGE_SUFFIXES
 from mprnet_jax.model import MPRNet, MPRNetConfig, resolve_config
@@ -63,9 +64,32 @@ def _clean_images_in(folder: str) -> dict[str, np.ndarray]:
   return {name: data_lib.load_rgb(os.path.join(folder, name)) for name in names}
 
 
+def _on_this_host(path: str, what: str) -> str:
+  """`path` itself when local (read as it always was); for a bucket URL (`gs://...`), the
+  folder or file staged on this host: array_record and the image readers read local files
+  only. `storage.stage_in` downloads once and reuses the copy while the objects are unchanged,
+  so a resumed run downloads nothing. Every host stages the whole set; each process then reads
+  only its slice of it, as from a local folder. In a shard pattern only the file name may hold
+  wildcards (`gs://b/shards/train.array_record-*`): its folder is staged."""
+  if not storage.is_remote(path):
+    return path
+  folder, name = path.rstrip('/').rsplit('/', 1)
+  if any(c in name for c in '*?['):
+    if any(c in folder for c in '*?['):
+      raise DataError(f'{path}: in a bucket URL only the file name may hold wildcards')
+    return os.path.join(storage.stage_in(folder, what), name)
+  return os.fspath(storage.stage_in(path, what))
+
+
 def build_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any]:
-  """(train source, validation source) of `config.data` (see mprnet_jax/configs/base.py)."""
+  """(train source, validation source) of `config.data` (see mprnet_jax/configs/base.py).
+  `data.train_dir` / `val_dir` may be bucket URLs (staged on this host, see `_on_this_host`)."""
   data = config.data
+  if storage.is_remote(data.train_dir) or storage.is_remote(data.val_dir):
+    what = 'folder of shards' if data.kind == 'shards' else 'folder of images'
+    data = ml_collections.ConfigDict(data.to_dict())
+    data.train_dir = _on_this_host(data.train_dir, what)
+    data.val_dir = _on_this_host(data.val_dir, what)
   if data.kind == 'synthetic':
     train_clean, val_clean = data_lib.bundled_photo_split()
     if data.train_dir:

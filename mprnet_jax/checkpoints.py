@@ -20,6 +20,12 @@ PSNR is kept whatever its age.
 
 Multi-host: every process calls `save` / `restore` (orbax coordinates the writes to the shared
 path); only process 0 prints.
+
+A workdir may be a bucket (`gs://...`): orbax writes there itself (through tensorstore), and on
+GCS it commits a checkpoint by writing `<step>/commit_success.txt` last instead of renaming a
+temporary folder, so an unfinished save is a `<step>` folder without that file. The few file
+operations of our own (removing unfinished saves, setting a checkpoint aside, the lock) go
+through `storage` for a URL; a local workdir takes the same local code as before.
 """
 
 from __future__ import annotations
@@ -44,10 +50,12 @@ import numpy as np
 import grain
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
+from etils import epath
 from flax import nnx
 from orbax.checkpoint.checkpoint_managers import preservation_policy as preservation
 
-from mprnet_jax.errors import CheckpointError, MprnetError
+from mprnet_jax import storage
+from mprnet_jax.errors import CheckpointError, MprnetError, StorageError
 
 __all__ = [
     'TrainCheckpointer', 'WorkdirLock', 'load_model_from_workdir', 'checkpoint_dir',
@@ -175,8 +183,21 @@ def _quiet_orbax():
           logging.getLogger(name).removeFilter(_NOISE_FILTER)
 
 
-def checkpoint_dir(workdir: str | os.PathLike) -> Path:
+def checkpoint_dir(workdir: str | os.PathLike) -> Path | epath.Path:
+  """`<workdir>/checkpoints`: a local absolute Path, or an `epath.Path` (what orbax takes) for
+  a bucket URL."""
+  if storage.is_remote(workdir):
+    return epath.Path(storage.join(workdir, 'checkpoints'))
   return Path(workdir).absolute() / 'checkpoints'
+
+
+def _forget_listings(directory) -> None:
+  """After our own changes to a bucket folder: drops the listings that orbax's filesystem
+  (epath's cached gcsfs) may hold, so its next listing sees them."""
+  if isinstance(directory, Path):
+    return
+  with contextlib.suppress(Exception):
+    epath.backend.fsspec_backend.fs(os.fspath(directory)).invalidate_cache()
 
 
 def _best_metric(metrics) -> float:
@@ -206,7 +227,7 @@ class _IteratorReceiver:
     pass
 
 
-def _manager(directory: Path, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
+def _manager(directory, keep: int, *, read_only: bool = False) -> ocp.CheckpointManager:
 
   policy = preservation.AnyPreservationPolicy([
       preservation.LatestN(n=max(int(keep), 1)),
@@ -322,6 +343,7 @@ class TrainCheckpointer:
   def __init__(self, workdir: str | os.PathLike, *, keep: int = 2, model_config: dict | None = None,
                experiment_config: dict | None = None):
     self.directory = checkpoint_dir(workdir)
+    self._remote = not isinstance(self.directory, Path)
     self._manager = _manager(self.directory, keep)
     self._config = {'model': model_config or {}, 'experiment': experiment_config or {}}
     self._pending: int | None = None  # the step of a save started and not yet committed
@@ -338,12 +360,30 @@ class TrainCheckpointer:
     them as steps; this keeps them from piling up. Only for the run that holds the workdir's
     lock: another's save in flight looks the same."""
     removed = []
-    if jax.process_index() == 0 and self.directory.is_dir():
+    if jax.process_index() == 0 and self._remote:
+      removed = self._discard_unfinished_remote()
+    elif jax.process_index() == 0 and self.directory.is_dir():
       for path in sorted(self.directory.glob('*.orbax-checkpoint-tmp*')):
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path.name)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices('mprnet_checkpoint_discard_unfinished')
+    if self._remote:  # every process: process 0 may have removed what the others listed
+      _forget_listings(self.directory)
+      self._manager.reload()
+    return removed
+
+  def _discard_unfinished_remote(self) -> list[str]:
+    """In a bucket: step folders without orbax's commit file (`commit_success.txt`, written
+    last), and any temporary folders, e.g. from a workdir copied up from a disk."""
+    url = os.fspath(self.directory)
+    removed = []
+    for name in storage.list_names(url):
+      unfinished = '.orbax-checkpoint-tmp' in name or (
+          name.isdigit() and not storage.exists(storage.join(url, name, 'commit_success.txt')))
+      if unfinished:
+        storage.remove_tree(storage.join(url, name))
+        removed.append(name)
     return removed
 
   def best_step(self) -> int | None:
@@ -409,7 +449,19 @@ class TrainCheckpointer:
     nothing half-written is ever taken for a checkpoint. Its temporary folder
     (`<step>.orbax-checkpoint-tmp*`, which orbax never lists) is left to the next run
     (`discard_unfinished_saves`): orbax's writes of the other items may still land in it."""
-    if jax.process_index() != 0 or not self.directory.is_dir():
+    if jax.process_index() != 0:
+      return
+    if self._remote:
+      # In a bucket the step folder is where orbax writes (no temporary folder): what a failed
+      # save left there is removed now; writes still landing are the next run's to remove.
+      with contextlib.suppress(Exception):
+        _forget_listings(self.directory)
+        self._manager.reload()
+        if step not in self._manager.all_steps():
+          storage.remove_tree(os.fspath(self.directory / str(step)))
+          _forget_listings(self.directory)
+      return
+    if not self.directory.is_dir():
       return
     with contextlib.suppress(Exception):
       self._manager.reload()
@@ -487,7 +539,15 @@ class TrainCheckpointer:
       return None
 
   def _set_aside(self, step: int) -> None:
-    if jax.process_index() == 0:
+    if jax.process_index() == 0 and self._remote:
+      url = os.fspath(self.directory)
+      names = set(storage.list_names(url))
+      if str(step) in names:
+        target, suffix = f'{step}.corrupt', 1
+        while target in names:
+          target, suffix = f'{step}.corrupt{suffix}', suffix + 1
+        storage.move_tree(storage.join(url, str(step)), storage.join(url, target))
+    elif jax.process_index() == 0:
       path = self.directory / str(step)
       if path.exists():
         target = path.with_name(f'{step}.corrupt')
@@ -497,6 +557,10 @@ class TrainCheckpointer:
         os.replace(path, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f'mprnet_checkpoint_set_aside_{step}')
+    if self._remote:
+      # Every process: a listing cached before process 0 moved the step would still show it,
+      # and a process that believes a step saved skips the save the others make.
+      _forget_listings(self.directory)
     self._manager.reload()
 
   def wait(self, poll_s: float = 0.05, give_up=None) -> None:
@@ -542,6 +606,11 @@ class WorkdirLock:
   in the workdir is touched. A lock from another host cannot be checked: the message says
   which file to delete if that trainer is gone.
 
+  In a bucket (`gs://...`) the lock is an object created only if absent (GCS's
+  `ifGenerationMatch=0`, one request), as exclusive as the local O_EXCL file: of two trainers
+  starting together exactly one gets it. Through stores without that precondition (gcsfs
+  decides) it would be advisory only.
+
   Use as a context manager, or `acquire()` / `release()`.
   """
 
@@ -551,8 +620,14 @@ class WorkdirLock:
 
   def __init__(self, workdir: str | os.PathLike, process_index: int | None = None):
     index = jax.process_index() if process_index is None else process_index
-    self.workdir = Path(workdir).absolute()
-    self.path = self.workdir / ('trainer.lock' if index == 0 else f'trainer.process_{index}.lock')
+    name = 'trainer.lock' if index == 0 else f'trainer.process_{index}.lock'
+    self._remote = storage.is_remote(workdir)
+    if self._remote:
+      self.workdir = os.fspath(workdir).rstrip('/')
+      self.path = storage.join(self.workdir, name)
+    else:
+      self.workdir = Path(workdir).absolute()
+      self.path = self.workdir / name
     self._held = False
     self._created_workdir = False
 
@@ -564,6 +639,9 @@ class WorkdirLock:
     self.release()
 
   def acquire(self) -> None:
+    if self._remote:
+      self._acquire_remote()
+      return
     self._created_workdir = not self.workdir.exists()
     self.workdir.mkdir(parents=True, exist_ok=True)
     me = {'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time()}
@@ -583,12 +661,29 @@ class WorkdirLock:
       return
     raise self._busy(self._holder())
 
+  def _acquire_remote(self) -> None:
+    me = {'host': socket.gethostname(), 'pid': os.getpid(), 'since': time.time()}
+    for _ in range(3):
+      if storage.create_exclusive(self.path, json.dumps(me)):
+        self._held = True
+        return
+      holder = self._holder()
+      if holder is None:
+        continue  # released meanwhile
+      if not self._is_stale(holder):
+        raise self._busy(holder)
+      storage.remove(self.path)
+    raise self._busy(self._holder())
+
   def release(self) -> None:
     if not self._held:
       return
     self._held = False
     holder = self._holder()
     if holder and holder.get('host') == socket.gethostname() and holder.get('pid') == os.getpid():
+      if self._remote:
+        storage.remove(self.path)  # a bucket has no folder to remove
+        return
       with contextlib.suppress(FileNotFoundError):
         os.remove(self.path)
     if self._created_workdir:  # a run that stopped before writing anything leaves no folder
@@ -597,12 +692,18 @@ class WorkdirLock:
 
   def _holder(self) -> dict | None:
     """The lock's content; {} if it is empty or unreadable; None if it is gone."""
-    try:
-      text = self.path.read_text()
-    except FileNotFoundError:
-      return None
-    except OSError:
-      return {}
+    if self._remote:
+      try:
+        text = storage.read_text(self.path)
+      except StorageError:
+        return None if not storage.exists(self.path) else {}
+    else:
+      try:
+        text = self.path.read_text()
+      except FileNotFoundError:
+        return None
+      except OSError:
+        return {}
     try:
       holder = json.loads(text)
     except ValueError:
@@ -612,6 +713,9 @@ class WorkdirLock:
   def _is_stale(self, holder: dict) -> bool:
     pid = holder.get('pid')
     if not holder or not isinstance(pid, int) or isinstance(pid, bool):
+      if self._remote:
+        age = storage.age_s(self.path)
+        return age is None or age > self._EMPTY_GRACE_S
       try:
         return time.time() - self.path.stat().st_mtime > self._EMPTY_GRACE_S
       except FileNotFoundError:

@@ -25,6 +25,7 @@ from array_record.python.array_record_module import ArrayRecordWriter
 from grain.sources import ArrayRecordDataSource
 from tqdm.auto import tqdm
 
+from mprnet_jax import storage
 from mprnet_jax.errors import DataError
 
 _MAGIC = b'MPR1'
@@ -80,10 +81,20 @@ def write_shards(
 
   Shard k holds a contiguous block of examples, in source order, so that a host reading a
   contiguous slice (see `data.make_train_loader`) opens few files.
+
+  `directory` may be a bucket URL (`gs://bucket/shards`): the shards are written to a local
+  temporary folder (array_record writes local files only) and uploaded once all are complete;
+  the URLs are returned.
   """
   n = len(source)
   if num_shards < 1 or num_shards > max(n, 1):
     raise DataError(f'num_shards must be in 1..{max(n, 1)} for {n} examples, got {num_shards}')
+  if storage.is_remote(directory):
+    url = os.fspath(directory).rstrip('/')
+    with storage.local_output_dir(url) as local:
+      written = write_shards(source, os.fspath(local), num_shards=num_shards, prefix=prefix,
+                             writer_options=writer_options, progress=progress)
+    return [storage.join(url, os.path.basename(path)) for path in written]
   os.makedirs(directory, exist_ok=True)
   paths = shard_paths(directory, prefix, num_shards)
   bounds = np.linspace(0, n, num_shards + 1).astype(int)

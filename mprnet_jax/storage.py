@@ -18,6 +18,7 @@ read it); `configure_emulator()` points tensorstore's GCS driver at the same hos
 from __future__ import annotations
 
 import contextlib
+import datetime
 import hashlib
 import json
 import logging
@@ -26,6 +27,7 @@ import re
 import secrets
 import socket
 import tempfile
+import time
 import urllib.parse
 import warnings
 from collections.abc import Iterator
@@ -38,7 +40,8 @@ from mprnet_jax.errors import MprnetError, StorageError
 __all__ = [
     'is_remote', 'join', 'stage_root', 'stage_in', 'local_output', 'local_output_dir', 'upload',
     'exists', 'read_text', 'write_text', 'check_reachable', 'configure_emulator', 'is_dir',
-    'normalize', 'check_output', 'display_name', 'urls_in_errors'
+    'normalize', 'check_output', 'display_name', 'urls_in_errors', 'remove_tree', 'require_bucket',
+    'create_exclusive', 'remove', 'age_s', 'list_names', 'move_tree', 'write_bytes'
 ]
 
 _URL = re.compile(r'^([a-zA-Z][a-zA-Z0-9+.-]*)://')
@@ -166,9 +169,7 @@ def check_output(url) -> None:
   """For an output URL: StorageError now, before any work, if the storage cannot be reached or
   the bucket does not exist (`local_output` checks the same on entry). Nothing for a local path."""
   if is_remote(url):
-    url = os.fspath(url)
-    fs, _ = _filesystem(url)
-    _require_bucket(url, fs)
+    require_bucket(url)
 
 
 def display_name(text: str) -> str:
@@ -354,19 +355,71 @@ def remove_tree(url: str) -> None:
     fs.rm(remote, recursive=True)
 
 
-def copy_tree_down(url: str, local) -> bool:
-  """Copies the objects under `url` into the local folder, replacing what is there; False if
-  there is nothing under `url`."""
-  fs, remote = _filesystem(url)
+def require_bucket(url: str) -> None:
+  """StorageError (one line) unless the bucket of `url` exists and its service is reachable:
+  checked before a run writes anything, so a typo in the bucket fails at once."""
+  fs, _ = _filesystem(os.fspath(url))
+  _require_bucket(os.fspath(url), fs)
+
+
+def create_exclusive(url: str, text: str) -> bool:
+  """Writes `text` to `url` only if no object is there; False if one is. On GCS this is one
+  request with `ifGenerationMatch=0`, so of two hosts racing for it exactly one wins."""
+  fs, path = _filesystem(url)
   try:
-    found = fs.find(remote)
-  except FileNotFoundError:
+    fs.pipe_file(path, text.encode(), mode='create')
+  except FileExistsError:
     return False
-  if not found:
-    return False
-  local = Path(local)
-  for name in found:
-    target = local / name[len(remote):].lstrip('/')
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fs.get_file(name, os.fspath(target))
   return True
+
+
+def remove(url: str) -> None:
+  """Removes one object; nothing if it is not there."""
+  fs, path = _filesystem(url)
+  with contextlib.suppress(FileNotFoundError):
+    fs.rm_file(path)
+
+
+def age_s(url: str) -> float | None:
+  """Seconds since the object was last written; None if it is not there."""
+  fs, path = _filesystem(url)
+  try:
+    info = fs.info(path)
+  except FileNotFoundError:
+    return None
+  modified = info.get('mtime') or info.get('updated')
+  if isinstance(modified, str):
+    modified = datetime.datetime.fromisoformat(modified.replace('Z', '+00:00'))
+  if isinstance(modified, datetime.datetime):
+    return time.time() - modified.timestamp()
+  return 0.0  # a store that does not say: as if just written (never taken for stale)
+
+
+def list_names(url: str) -> list[str]:
+  """The names of the objects and folders directly under the folder URL, freshly listed
+  (another host may have written since this process last looked); [] if there are none."""
+  fs, remote = _filesystem(url)
+  fs.invalidate_cache()  # every cached listing: `exists` calls that follow ask afresh too
+  try:
+    return sorted(name.rstrip('/').rsplit('/', 1)[-1] for name in fs.ls(remote, detail=False))
+  except FileNotFoundError:
+    return []
+
+
+def move_tree(url: str, target: str) -> None:
+  """Moves every object under the folder URL to the folder URL `target`: a copy, then a delete
+  (buckets cannot rename; gcsfs's move API does the same with noisier failures)."""
+  fs, remote = _filesystem(url)
+  _, destination = _filesystem(target)
+  for name in fs.find(remote):
+    fs.copy(name, f'{destination}/{name[len(remote):].lstrip("/")}')
+  remove_tree(url)
+
+
+def write_bytes(url: str, data: bytes) -> None:
+  """Writes a small file whole (one request)."""
+  fs, path = _filesystem(url)
+  try:
+    fs.pipe_file(path, data)
+  except FileNotFoundError:
+    raise _missing(url, fs) from None

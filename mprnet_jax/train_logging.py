@@ -6,6 +6,11 @@
 - `images/val_<step>.png`: a grid with one column per validation image and three rows,
   degraded | restored | clean.
 
+A workdir in a bucket (`gs://...`) gets the same files. Objects there cannot be appended to,
+so they are written to a local mirror (a temporary folder) and each changed file is uploaded
+whole by a background thread (the training loop never waits on the network), and once more at
+`close`; a resumed run first brings the earlier `metrics.jsonl` down.
+
 Only the main process writes (`MetricsLogger(..., enabled=jax.process_index() == 0)`); on the
 others every method does nothing, so callers need no `if`.
 """
@@ -16,10 +21,16 @@ import contextlib
 import json
 import math
 import os
+import shutil
+import sys
+import tempfile
+import threading
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
+
+from mprnet_jax import storage
 
 __all__ = ['MetricsLogger', 'image_grid', 'plot_curves', 'read_metrics']
 
@@ -150,6 +161,84 @@ def _plot_pillow(panels, path: str) -> None:
   image.save(path, format='PNG')
 
 
+class _BucketMirror:
+  """A local folder whose changed files are uploaded, whole, to a folder URL.
+
+  `changed(name)` queues a file (a path relative to the folder); a background thread uploads
+  the queued files, each once however often it changed meanwhile. Files are read under `lock`,
+  which writers that append hold, so no upload carries a torn line. `close()` drains the queue,
+  uploads whatever is still unsent, and removes the local folder unless an upload failed (then
+  one warning line says where the files are)."""
+
+  def __init__(self, url: str):
+    self.url = url.rstrip('/')
+    storage.require_bucket(self.url)
+    self.local = tempfile.mkdtemp(prefix='mprnet-logs-')
+    self.lock = threading.Lock()
+    self._queued: set[str] = set()
+    self._unsent: set[str] = set()
+    self._error: BaseException | None = None
+    self._closing = False
+    self._wake = threading.Condition()
+    self._thread = threading.Thread(target=self._run, name='mprnet-log-upload', daemon=True)
+    self._thread.start()
+
+  def fetch(self, name: str) -> None:
+    """Brings `url/name` down into the mirror, if the bucket has it."""
+    url = storage.join(self.url, name)
+    if storage.exists(url):
+      target = os.path.join(self.local, name)
+      os.makedirs(os.path.dirname(target), exist_ok=True)
+      with open(target, 'w') as f:
+        f.write(storage.read_text(url))
+
+  def changed(self, *names: str) -> None:
+    with self._wake:
+      self._queued.update(names)
+      self._unsent.update(names)
+      self._wake.notify()
+
+  def _send(self, name: str) -> None:
+    with self.lock:
+      with open(os.path.join(self.local, name), 'rb') as f:
+        data = f.read()
+    storage.write_bytes(storage.join(self.url, name), data)
+
+  def _run(self) -> None:
+    while True:
+      with self._wake:
+        while not self._queued and not self._closing:
+          self._wake.wait()
+        if not self._queued:
+          return
+        names, self._queued = sorted(self._queued), set()
+      for name in names:
+        try:
+          self._send(name)
+          with self._wake:
+            if name not in self._queued:
+              self._unsent.discard(name)
+        except Exception as error:  # noqa: BLE001 (retried at close, reported there)
+          self._error = error
+
+  def close(self) -> None:
+    with self._wake:
+      self._closing = True
+      self._wake.notify()
+    self._thread.join()
+    try:
+      for name in sorted(self._unsent):
+        self._send(name)
+      self._unsent.clear()
+    except Exception as error:  # noqa: BLE001 (the run itself is done and checkpointed)
+      reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+      print(
+          f'warning: could not upload the training logs to {self.url} ({reason}); they are in '
+          f'{self.local}', file=sys.stderr, flush=True)
+      return
+    shutil.rmtree(self.local, ignore_errors=True)
+
+
 class MetricsLogger:
   """Writes the run's metrics and pictures under `workdir` (see the module docstring)."""
 
@@ -157,9 +246,14 @@ class MetricsLogger:
     self.workdir = os.fspath(workdir)
     self.enabled = enabled
     self._writer = None
+    self._mirror: _BucketMirror | None = None
     self._records: list[dict] = []
     if not enabled:
       return
+    if storage.is_remote(self.workdir):
+      self._mirror = _BucketMirror(self.workdir)
+      self._mirror.fetch('metrics.jsonl')  # a resumed run: the earlier curve is in the bucket
+      self.workdir = self._mirror.local  # everything below writes there
     os.makedirs(self.workdir, exist_ok=True)
     self.metrics_path = os.path.join(self.workdir, 'metrics.jsonl')
     if os.path.exists(self.metrics_path):  # a resumed run: keep the earlier curve
@@ -175,8 +269,22 @@ class MetricsLogger:
     kept = [r for r in self._records if r.get('step', 0) <= step]
     if len(kept) != len(self._records):
       self._records = kept
-      with open(self.metrics_path, 'w') as f:
-        f.writelines(json.dumps(r) + '\n' for r in kept)
+      with self._mirror.lock if self._mirror else contextlib.nullcontext():
+        with open(self.metrics_path, 'w') as f:
+          f.writelines(json.dumps(r) + '\n' for r in kept)
+      self._changed('metrics.jsonl')
+
+  def _changed(self, *names: str) -> None:
+    """For a bucket workdir: queues the files just written (and TensorBoard's) for upload."""
+    if self._mirror is None:
+      return
+    self._writer.flush()
+    events = os.path.join(self.workdir, 'tensorboard')
+    names += tuple(
+        os.path.relpath(os.path.join(folder, f), self.workdir)
+        for folder, _, files in os.walk(events)
+        for f in files)
+    self._mirror.changed(*names)
 
   def write(self, step: int, split: str, metrics: Mapping[str, object]) -> None:
     """Appends one record and the matching TensorBoard scalars (`<split>/<name>`)."""
@@ -185,12 +293,14 @@ class MetricsLogger:
     record = {'step': int(step), 'split': split}
     record.update({k: _scalar(v) for k, v in metrics.items()})
     self._records.append(record)
-    with open(self.metrics_path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    with self._mirror.lock if self._mirror else contextlib.nullcontext():
+      with open(self.metrics_path, 'a') as f:
+        f.write(json.dumps(record) + '\n')
     for key, value in record.items():
       # metrics.jsonl keeps a NaN loss; TensorBoard would only warn about it, once per value.
       if key not in ('step', 'split') and math.isfinite(value):
         self._writer.add_scalar(f'{split}/{key}', value, int(step))
+    self._changed('metrics.jsonl')
 
   def write_images(self, step: int, degraded: np.ndarray, restored: np.ndarray,
                    clean: np.ndarray) -> str | None:
@@ -205,11 +315,16 @@ class MetricsLogger:
     Image.fromarray(grid).save(path)
     self._writer.add_image('val/degraded_restored_clean', grid, int(step), dataformats='HWC')
     self.plot()
+    self._changed(os.path.relpath(path, self.workdir))
+    if self._mirror is not None:
+      return storage.join(self._mirror.url, os.path.relpath(path, self.workdir))
     return path
 
   def plot(self) -> None:
     if self.enabled:
       plot_curves(self._records, os.path.join(self.workdir, 'curves.png'))
+      if self._mirror is not None:
+        self._changed('curves.png')
 
   def flush(self) -> None:
     if self._writer is not None:
@@ -220,3 +335,9 @@ class MetricsLogger:
       self.plot()
       self._writer.close()
       self._writer = None
+    if self._mirror is not None:
+      mirror, self._mirror = self._mirror, None
+      mirror.changed(*(os.path.relpath(os.path.join(folder, f), self.workdir)
+                       for folder, _, files in os.walk(os.path.join(self.workdir, 'tensorboard'))
+                       for f in files))
+      mirror.close()

@@ -11,6 +11,8 @@ The first step's compile is announced; a run whose first steps are all non-finit
 
 Files in `workdir`: trainer.lock (while a trainer runs there), config.json, checkpoints/,
 metrics.jsonl, tensorboard/, curves.png, images/val_<step>.png (see `train_logging`).
+`workdir` may be a bucket URL (`gs://bucket/run`): checkpoints and config.json are written
+there directly, the logs through a local mirror (see `checkpoints`, `train_logging`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from tqdm.auto import tqdm
 
 from mprnet_jax import data as data_lib
 from mprnet_jax import parallel as parallel_lib
+from mprnet_jax import storage
 from mprnet_jax import train_step as step_lib
 from mprnet_jax.builders import build_model, build_sources
 from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock
@@ -188,6 +191,8 @@ def train(config, workdir: str | os.PathLike) -> dict:
   touches the workdir (`checkpoints.WorkdirLock`)."""
   start_time = time.time()
   validate_config(config)  # before anything is built or written
+  if storage.is_remote(workdir):
+    storage.require_bucket(os.fspath(workdir))  # a wrong bucket fails here, in one line
   parallel_lib.initialize_distributed()
   with WorkdirLock(workdir):
     return _train(config, os.fspath(workdir), start_time)
@@ -235,7 +240,10 @@ def _train(config, workdir: str, start_time: float) -> dict:
   start_step = int(state.step)
   # Written only once the data, the model and any checkpoint to resume accept the config: a bad
   # value must not replace the config.json of the run it was meant to resume.
-  if main:
+  if main and storage.is_remote(workdir):
+    storage.write_text(storage.join(workdir, 'config.json'),
+                       json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+  elif main:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
       json.dump(config_to_dict(config), f, indent=2, sort_keys=True)

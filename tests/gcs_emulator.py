@@ -103,6 +103,8 @@ class GcsEmulator:
       self._process.terminate()
       with contextlib.suppress(subprocess.TimeoutExpired):
         self._process.wait(timeout=5)
+    if self._process is not None and self._process.stderr is not None:
+      self._process.stderr.close()
 
   def __enter__(self):
     return self.start()

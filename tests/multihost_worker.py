@@ -3,9 +3,12 @@ setting shared with tests/test_parallel.py (same config and batch, so the one-de
 compiles once and comes from the persistent cache afterwards).
 
 Run as: python multihost_worker.py --process_id I --num_processes 2 --port P --out DIR
+  [--workdir W]
 Each process has 2 CPU devices, feeds its own half of the global batch through `place_batch`,
 and takes 3 steps with mesh parallelism; process 0 writes DIR/result.json (loss per step and
-a parameter checksum) and DIR/params.npz.
+a parameter checksum) and DIR/params.npz. With --workdir (a folder or a gs:// URL) every
+process then takes its `WorkdirLock` and writes its part of one orbax checkpoint there, as the
+trainer does on a pod.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 GLOBAL_BATCH = 8
 CROP = 32
 STEPS = 3
+TINY_SIZES = {'n_feat': 16, 'scale_unetfeats': 8, 'scale_orsnetfeats': 8, 'num_cab': 1}
 STEPS_PER_EPOCH = 1000  # all steps in epoch 0: a constant learning rate (no warm-up, cosine t=0)
 
 
@@ -48,12 +52,13 @@ def tiny_state(config):
 
   from mprnet_jax.model import MPRNet
   from mprnet_jax.train_step import create_train_state
-  model = MPRNet(n_feat=16, scale_unetfeats=8, scale_orsnetfeats=8, num_cab=1, rngs=nnx.Rngs(0))
+  model = MPRNet(**TINY_SIZES, rngs=nnx.Rngs(0))
   return create_train_state(model, config, STEPS_PER_EPOCH, seed=0)
 
 
-def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS):
-  """(loss per step, final params as a dict of numpy arrays keyed by path)."""
+def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS, workdir=None):
+  """(loss per step, final params as a dict of numpy arrays keyed by path); with `workdir`,
+  the final state is also checkpointed there (`TrainCheckpointer`, under the workdir's lock)."""
   import jax
 
   from mprnet_jax.parallel import place_batch, place_state, unplace_state
@@ -73,12 +78,25 @@ def train(config, local_batch, parallel: str, mesh=None, steps: int = STEPS):
   for _ in range(steps):
     state, metrics = step_fn(state, batch)
     losses.append(float(np.asarray(metrics['loss'].addressable_data(0))))
+  if workdir is not None:
+    save_checkpoint(state if parallel == 'mesh' else unplace_state(state, parallel), workdir)
   params = unplace_state(state, parallel).params
   flat = {
       jax.tree_util.keystr(path): np.asarray(leaf)
       for path, leaf in jax.tree_util.tree_leaves_with_path(params)
   }
   return losses, flat
+
+
+def save_checkpoint(state, workdir) -> None:
+  import jax
+
+  from mprnet_jax.checkpoints import TrainCheckpointer, WorkdirLock
+  with WorkdirLock(workdir):
+    checkpointer = TrainCheckpointer(workdir, keep=1, model_config=TINY_SIZES)
+    checkpointer.discard_unfinished_saves()
+    checkpointer.save(state, {'process': jax.process_index()})
+    checkpointer.close()
 
 
 def checksum(flat: dict[str, np.ndarray]) -> float:
@@ -98,6 +116,7 @@ def main() -> None:
   parser.add_argument('--devices_per_process', type=int, default=2)
   parser.add_argument('--out', required=True)
   parser.add_argument('--cache', default=None)
+  parser.add_argument('--workdir', default=None)
   args = parser.parse_args()
 
   import jax
@@ -117,7 +136,7 @@ def main() -> None:
   local = {
       k: v[args.process_id * share:(args.process_id + 1) * share] for k, v in tiny_batch().items()
   }
-  losses, flat = train(tiny_config('adam'), local, 'mesh', make_mesh())
+  losses, flat = train(tiny_config('adam'), local, 'mesh', make_mesh(), workdir=args.workdir)
   if is_main_process():
     os.makedirs(args.out, exist_ok=True)
     np.savez(os.path.join(args.out, 'params.npz'), **flat)

@@ -1,5 +1,8 @@
 """Two processes on localhost (2 CPU devices each, gloo collectives), each feeding its own half
-of the global batch, train as one mesh: the result matches one process on the whole batch."""
+of the global batch, train as one mesh: the result matches one process on the whole batch. Both
+checkpoint their state, as the trainer does: the two processes into one gs:// workdir (a GCS
+emulator; a local folder where the emulator cannot run), the one process on local disk, so
+both kinds of workdir are covered by the one multi-process run."""
 
 import json
 import os
@@ -25,11 +28,26 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_match_one(tmp_path):
+def _workdir_for_the_two_processes(request, tmp_path) -> tuple[str, dict]:
+  """(workdir, environment): a gs:// workdir and the emulator's variables; else a folder."""
+  try:
+    emulator = request.getfixturevalue('gcs_emulator')
+  except pytest.skip.Exception:
+    return str(tmp_path / 'run'), {}
+  return emulator.make_bucket('mprnet-multihost') + '/run', emulator.environ()
+
+
+def test_two_processes_match_one(tmp_path, request):
   import jax
+
+  from flax import nnx
+
+  from mprnet_jax.checkpoints import TrainCheckpointer, load_model_from_workdir
   port = _free_port()
+  workdir, storage_env = _workdir_for_the_two_processes(request, tmp_path)
   env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}  # conftest's 8 devices
   env['PYTHONPATH'] = os.pathsep.join([str(WORKER.parent), env.get('PYTHONPATH', '')])
+  env.update(storage_env)
   cache = jax.config.jax_compilation_cache_dir
   workers = [
       subprocess.Popen([
@@ -37,13 +55,14 @@ def test_two_processes_match_one(tmp_path):
           str(WORKER), '--process_id',
           str(i), '--num_processes', '2', '--port',
           str(port), '--out',
-          str(tmp_path)
+          str(tmp_path), '--workdir', workdir
       ] + (['--cache', cache] if cache else []), env=env, stdout=subprocess.PIPE,
                        stderr=subprocess.PIPE, text=True) for i in range(2)
   ]
   try:
     # The one-process reference runs meanwhile (its compiled step is usually in the cache).
-    ref_losses, ref_params = train(tiny_config('adam'), tiny_batch(), 'none')
+    ref_losses, ref_params = train(tiny_config('adam'), tiny_batch(), 'none',
+                                   workdir=tmp_path / 'reference')
     outputs = [w.communicate(timeout=TIMEOUT_S) for w in workers]
   finally:
     for w in workers:
@@ -63,6 +82,22 @@ def test_two_processes_match_one(tmp_path):
   assert set(params.files) == set(ref_params)
   worst = max(float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params)
   assert worst <= 1e-5, worst
+  # The checkpoint both processes wrote holds those parameters (read back as `restore` reads a
+  # workdir, checksums checked), as the one-process checkpoint holds the reference's; both
+  # workdirs are left unlocked.
+  for where, expected in ((workdir, params), (tmp_path / 'reference', ref_params)):
+    assert TrainCheckpointer(where).all_steps() == [STEPS], where
+    model = load_model_from_workdir(where)
+    restored = {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))
+    }
+    assert set(restored) == set(expected), where
+    for key in expected:
+      np.testing.assert_array_equal(restored[key], expected[key], err_msg=f'{where} {key}')
+  from mprnet_jax import storage
+  assert not storage.exists(storage.join(workdir, 'trainer.lock'))
+  assert not storage.exists(storage.join(workdir, 'trainer.process_1.lock'))
   # The steps did move the parameters (the comparison above is not vacuous).
   _, initial = train(tiny_config('adam'), tiny_batch(), 'none', steps=0)
   assert max(float(np.abs(initial[k] - ref_params[k]).max()) for k in ref_params) > 1e-4
