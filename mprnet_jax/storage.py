@@ -211,11 +211,7 @@ def write_text(url, text: str) -> None:
   if not is_remote(url):
     Path(url).write_text(text)
     return
-  fs, path = _filesystem(os.fspath(url))
-  try:
-    fs.pipe_file(path, text.encode())
-  except FileNotFoundError:
-    raise _missing(os.fspath(url), fs) from None
+  write_bytes(os.fspath(url), text.encode())
 
 
 # --- staging: bucket -> this host ------------------------------------------------------------
@@ -316,8 +312,7 @@ def local_output(path) -> Iterator[Path]:
     yield Path(path)
     return
   url = os.fspath(path)
-  fs, _ = _filesystem(url)
-  _require_bucket(url, fs)
+  require_bucket(url)
   with tempfile.TemporaryDirectory(prefix='mprnet-upload-') as folder:
     local = Path(folder) / (_split(url)[2].rsplit('/', 1)[-1] or 'output')
     yield local
@@ -331,21 +326,10 @@ def local_output_dir(path) -> Iterator[Path]:
     yield Path(path)
     return
   url = os.fspath(path).rstrip('/')
-  fs, _ = _filesystem(url)
-  _require_bucket(url, fs)
+  require_bucket(url)
   with tempfile.TemporaryDirectory(prefix='mprnet-upload-') as folder:
     yield Path(folder)
     upload(folder, url)
-
-
-def _require_bucket(url: str, fs) -> None:
-  scheme, bucket, _ = _split(url)
-  try:
-    found = fs.exists(bucket)
-  except Exception:  # noqa: BLE001 (a client error: the bucket may still be there)
-    found = True
-  if not found:
-    raise StorageError(f'{url}: bucket {scheme}://{bucket} does not exist')
 
 
 def remove_tree(url: str) -> None:
@@ -358,8 +342,15 @@ def remove_tree(url: str) -> None:
 def require_bucket(url: str) -> None:
   """StorageError (one line) unless the bucket of `url` exists and its service is reachable:
   checked before a run writes anything, so a typo in the bucket fails at once."""
-  fs, _ = _filesystem(os.fspath(url))
-  _require_bucket(os.fspath(url), fs)
+  url = os.fspath(url)
+  fs, _ = _filesystem(url)
+  scheme, bucket, _ = _split(url)
+  try:
+    found = fs.exists(bucket)
+  except Exception:  # noqa: BLE001 (a client error: the bucket may still be there)
+    found = True
+  if not found:
+    raise StorageError(f'{url}: bucket {scheme}://{bucket} does not exist')
 
 
 def create_exclusive(url: str, text: str) -> bool:

@@ -279,12 +279,16 @@ class MetricsLogger:
     if self._mirror is None:
       return
     self._writer.flush()
+    self._mirror.changed(*names, *self._tensorboard_files())
+
+  def _tensorboard_files(self) -> list[str]:
+    """The event files, relative to the workdir (TensorBoard appends to them as it writes)."""
     events = os.path.join(self.workdir, 'tensorboard')
-    names += tuple(
+    return [
         os.path.relpath(os.path.join(folder, f), self.workdir)
         for folder, _, files in os.walk(events)
-        for f in files)
-    self._mirror.changed(*names)
+        for f in files
+    ]
 
   def write(self, step: int, split: str, metrics: Mapping[str, object]) -> None:
     """Appends one record and the matching TensorBoard scalars (`<split>/<name>`)."""
@@ -337,7 +341,5 @@ class MetricsLogger:
       self._writer = None
     if self._mirror is not None:
       mirror, self._mirror = self._mirror, None
-      mirror.changed(*(os.path.relpath(os.path.join(folder, f), self.workdir)
-                       for folder, _, files in os.walk(os.path.join(self.workdir, 'tensorboard'))
-                       for f in files))
+      mirror.changed(*self._tensorboard_files())
       mirror.close()

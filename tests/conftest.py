@@ -52,7 +52,8 @@ def fast_compile():
 @pytest.fixture(scope='session')
 def gcs_emulator():
   """A running GCS emulator (tests/gcs_emulator.py) with this process's clients pointed at it;
-  the test is skipped, with the reason, where the emulator's binary cannot run."""
+  the test is skipped, with the reason, where the emulator's binary cannot run (fails instead
+  with MPRNET_REQUIRE_EMULATOR set, as CI sets it)."""
   import logging
 
   from gcs_emulator import EmulatorUnavailable, GcsEmulator
@@ -60,7 +61,10 @@ def gcs_emulator():
   try:
     emulator = GcsEmulator().start()
   except EmulatorUnavailable as exc:
-    pytest.skip(f'GCS emulator unavailable: {exc}. See README "TPU pod" for running these tests')
+    message = f'GCS emulator unavailable: {exc}. See README "TPU pod" for running these tests'
+    if os.environ.get('MPRNET_REQUIRE_EMULATOR'):  # CI: a missing emulator fails, never skips
+      pytest.fail(message)
+    pytest.skip(message)
   saved = {k: os.environ.get(k) for k in emulator.environ()}
   os.environ.update(emulator.environ())
   # gcsfs logs a warning per bucket when it cannot ask for the bucket's layout without
