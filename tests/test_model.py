@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from mprnet_jax import MPRNet, count_params
-from mprnet_jax.layers import downsample_half, upsample_double
+from mprnet_jax.layers import downsample_half, uniform_like_jax, upsample_double
 from mprnet_jax.model import merge_columns, merge_rows, split_columns, split_rows
 
 # Every comparison here is between two programs compiled alike (remat against none, bf16
@@ -36,6 +36,23 @@ def test_explicit_sizes_override_preset():
 def test_unknown_task_is_refused():
   with pytest.raises(ValueError, match='unknown task'):
     MPRNet('deblur')
+
+
+def test_initialiser_draws_exactly_what_jax_random_uniform_draws():
+  # The reference with XLA's optimisations on, as a user's process has them: jax.random.uniform
+  # then fuses its last multiply-add into one rounding, which the fast initialiser reproduces.
+  jax.config.update('jax_disable_most_optimizations', False)
+  try:
+    for seed, shape, fan_in in [(0, (3, 3, 16, 24), 144), (1, (1, 1, 8, 2), 8), (2, (7,), 27),
+                                (3, (3, 3, 3, 96), 27)]:
+      key = jax.random.key(seed)
+      bound = 1 / np.sqrt(fan_in)
+      expected = np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound))
+      drawn = np.asarray(uniform_like_jax(key, shape, -bound, bound))
+      assert drawn.dtype == np.float32 and drawn.shape == shape
+      np.testing.assert_array_equal(drawn, expected)
+  finally:
+    jax.config.update('jax_disable_most_optimizations', True)
 
 
 @pytest.mark.parametrize('shape,nearest', [((1, 30, 64, 3), '32x64'), ((1, 64, 63, 3), '64x64')])

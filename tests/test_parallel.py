@@ -8,13 +8,30 @@ import pytest
 
 from mprnet_jax.parallel import (choose_parallel, make_mesh, place_batch, place_state,
                                  unplace_state)
-from multihost_worker import GLOBAL_BATCH, tiny_batch, tiny_config, tiny_state, train
+from multihost_worker import GLOBAL_BATCH, STEPS, tiny_batch, tiny_config, tiny_state, train
 
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
 
 # A large SGD rate: an update off by a factor (8 devices) moves the parameters by far more
 # than the tolerance.
 OPTIMIZERS = {'sgd': dict(optimizer='sgd', lr=0.05), 'adam': dict(optimizer='adam')}
+
+
+def assert_same_parameters(params, ref_params, optimizer: str, lr: float, steps: int) -> None:
+  """The parameters of a parallel run are those of one device, up to the summation order.
+
+  SGD is linear in the gradient: every entry within 1e-5. Adam divides by the root of the
+  squared gradient, so an entry whose gradient is about zero moves by about ±lr per step on
+  whichever side of zero the order of the sum rounds it (README, "Proven faithful"): at most
+  0.1% of the entries may differ by more than 1e-6, none by more than 2·lr a step. A wrong
+  gradient moves far more: with each device's own share only, 90% differ by more than 1e-6."""
+  assert set(params) == set(ref_params)
+  diffs = np.concatenate([np.abs(params[k] - ref_params[k]).ravel() for k in ref_params])
+  if optimizer == 'sgd':
+    assert diffs.max() <= 1e-5, diffs.max()
+  else:
+    assert np.mean(diffs > 1e-6) <= 1e-3, (np.mean(diffs > 1e-6), diffs.max())
+    assert diffs.max() <= 2 * lr * steps, diffs.max()
 
 
 @pytest.fixture(scope='module', params=sorted(OPTIMIZERS))
@@ -34,9 +51,8 @@ def test_matches_one_device(runs, mode):
   ref_losses, ref_params = results['none']
   losses, params = results[mode]
   np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
-  assert set(params) == set(ref_params)
-  worst = max(float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params)
-  assert worst <= 1e-5, (name, mode, worst)
+  config = tiny_config(**OPTIMIZERS[name])
+  assert_same_parameters(params, ref_params, name, config.optim.lr, STEPS)
   moved = max(float(np.abs(initial[k] - ref_params[k]).max()) for k in ref_params)
   assert moved > 1e-4, (name, moved)
 
@@ -97,8 +113,7 @@ def test_mixup_step_on_a_mesh_matches_one_device():
   finally:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
   np.testing.assert_allclose(losses, ref_losses, rtol=0, atol=1e-5)
-  worst = max(float(np.abs(params[k] - ref_params[k]).max()) for k in ref_params)
-  assert worst <= 1e-5, worst
+  assert_same_parameters(params, ref_params, 'adam', config.optim.lr, steps=2)
   config.mixup_start_epoch = None
   plain_losses, _ = train(config, batch, 'none', steps=1)
   assert abs(plain_losses[0] - ref_losses[0]) > 1e-4  # MixUp did change the batch
