@@ -1,14 +1,22 @@
 """One process of the two-process data-parallel test (tests/test_multihost.py), and the tiny
-setting shared with tests/test_parallel.py (same config and batch, so the one-device reference
-compiles once and comes from the persistent cache afterwards).
+setting it shares with tests/test_parallel.py (same config and batch, so the one-device
+reference compiles once and comes from the persistent cache afterwards).
+
+The setting: the official Adam with eps = 1, so that an update is about lr * gradient (a
+gradient off by a factor, such as the device count, moves the parameters far beyond the
+tolerance, where the default eps would normalise the factor away, and no entry with a gradient
+of about zero flips by ±lr on the rounding of a sum's order); MixUp from the second epoch of
+two-step epochs, decided at run time from the step, so one compiled program takes plain steps
+(0 and 1) and mixed ones (2 on).
 
 Run as: python multihost_worker.py --process_id I --num_processes 2 --port P --out DIR
   [--workdir W]
 Each process has 2 CPU devices, feeds its own half of the global batch through `place_batch`,
-and takes 3 steps with mesh parallelism; process 0 writes DIR/result.json (loss per step and
-a parameter checksum) and DIR/params.npz. With --workdir (a folder or a gs:// URL) every
-process then takes its `WorkdirLock` and writes its part of one orbax checkpoint there, as the
-trainer does on a pod.
+and takes 3 steps with mesh parallelism (the third mixed: one permutation of the global batch
+across both processes); process 0 writes DIR/result.json (loss per step and a parameter
+checksum) and DIR/params.npz. With --workdir (a folder or a gs:// URL) every process then takes
+its `WorkdirLock` and writes its part of one orbax checkpoint there, as the trainer does on a
+pod.
 """
 
 from __future__ import annotations
@@ -24,19 +32,22 @@ GLOBAL_BATCH = 8
 CROP = 32
 STEPS = 3
 TINY_SIZES = {'n_feat': 16, 'scale_unetfeats': 8, 'scale_orsnetfeats': 8, 'num_cab': 1}
-STEPS_PER_EPOCH = 1000  # all steps in epoch 0: a constant learning rate (no warm-up, cosine t=0)
+STEPS_PER_EPOCH = 2
+MIXED_FROM = 2  # the first step of epoch 1, where MixUp starts
 
 
-def tiny_config(optimizer: str = 'adam', lr: float = 2e-4) -> ml_collections.ConfigDict:
-  """The packaged base config with a constant learning rate over the test's steps."""
+def tiny_config() -> ml_collections.ConfigDict:
+  """The packaged base config in the setting above."""
   from mprnet_jax.configs import base
   config = base.get_config()
   config.batch_size = GLOBAL_BATCH
   config.num_epochs = 10
   config.max_nonfinite = 5
-  config.optim.name = optimizer
-  config.optim.lr = lr
+  config.optim.name = 'adam'
+  config.optim.lr = 0.05
+  config.optim.eps = 1.0
   config.optim.warmup_epochs = 0
+  config.mixup_start_epoch = 1
   return config
 
 
@@ -115,16 +126,12 @@ def main() -> None:
   parser.add_argument('--port', type=int, required=True)
   parser.add_argument('--devices_per_process', type=int, default=2)
   parser.add_argument('--out', required=True)
-  parser.add_argument('--cache', default=None)
   parser.add_argument('--workdir', default=None)
   args = parser.parse_args()
 
   import jax
   jax.config.update('jax_num_cpu_devices', args.devices_per_process)
   jax.config.update('jax_cpu_collectives_implementation', 'gloo')
-  if args.cache:
-    jax.config.update('jax_compilation_cache_dir', args.cache)
-    jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
   from mprnet_jax.parallel import initialize_distributed, is_main_process, make_mesh
   assert initialize_distributed(coordinator_address=f'127.0.0.1:{args.port}',
@@ -136,7 +143,7 @@ def main() -> None:
   local = {
       k: v[args.process_id * share:(args.process_id + 1) * share] for k, v in tiny_batch().items()
   }
-  losses, flat = train(tiny_config('adam'), local, 'mesh', make_mesh(), workdir=args.workdir)
+  losses, flat = train(tiny_config(), local, 'mesh', make_mesh(), workdir=args.workdir)
   if is_main_process():
     os.makedirs(args.out, exist_ok=True)
     np.savez(os.path.join(args.out, 'params.npz'), **flat)
