@@ -1,5 +1,7 @@
 """The network's structure and geometry: sizes, shapes, resampling, the quarter/half stacking."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -101,9 +103,24 @@ def tiny_model():
   return MPRNet(**TINY, rngs=nnx.Rngs(1))
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _jitted_forward(graphdef, state, x):
+  return nnx.merge(graphdef, state)(x)
+
+
+def forward(model, x):
+  """`model(x)` as one compiled program: run op by op, a forward compiles hundreds of small
+  programs, which took longer than the test's one."""
+  return _jitted_forward(*nnx.split(model), x)
+
+
+# Not square, and the same shape for every forward here: each model compiles once.
+IMAGES = (2, 32, 40, 3)
+
+
 def test_outputs_are_three_float32_images(tiny_model):
-  x = jax.random.uniform(jax.random.key(0), (2, 32, 40, 3))
-  outputs = tiny_model(x)
+  x = jax.random.uniform(jax.random.key(0), IMAGES)
+  outputs = forward(tiny_model, x)
   assert len(outputs) == 3
   for out in outputs:
     chex.assert_shape(out, x.shape)
@@ -111,12 +128,12 @@ def test_outputs_are_three_float32_images(tiny_model):
 
 
 def test_bfloat16_compute_stays_close_and_float32_params(tiny_model):
-  x = jax.random.uniform(jax.random.key(0), (1, 32, 32, 3))
+  x = jax.random.uniform(jax.random.key(0), IMAGES)
   _, params = nnx.split(tiny_model, nnx.Param)
   model16 = MPRNet(**TINY, dtype=jnp.bfloat16)
   nnx.update(model16, params)
   assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(nnx.state(model16, nnx.Param)))
-  full, half = tiny_model(x)[0], model16(x)[0]
+  full, half = forward(tiny_model, x)[0], forward(model16, x)[0]
   assert half.dtype == jnp.float32
   assert float(jnp.abs(full - half).max()) < 0.1 * float(jnp.abs(full).max())
   assert float(jnp.abs(full - half).max()) > 0  # it really computed in bfloat16
@@ -152,8 +169,9 @@ def test_each_remat_mode_keeps_fewer_activations(tiny_model):
       model.set_remat(mode)
       return sum(jnp.mean(o**2) for o in model(x))
 
-    _, backward = jax.vjp(loss, params)
-    return sum(leaf.nbytes for leaf in jax.tree.leaves(backward))
+    # Traced only (nothing computed): the residuals' shapes and dtypes are what is kept.
+    backward = jax.eval_shape(lambda p: jax.vjp(loss, p)[1], params)
+    return sum(leaf.size * leaf.dtype.itemsize for leaf in jax.tree.leaves(backward))
 
   sizes = [saved_bytes(mode) for mode in ('none', 'convs', 'runs', 'full')]
   assert sizes == sorted(sizes, reverse=True) and len(set(sizes)) == 4, sizes
