@@ -1,6 +1,7 @@
 """Shared test set-up: eight CPU devices (for the parallel tests), a persistent compilation
 cache, the paths of the reference fixtures, and `fast_compile` for tests of plumbing."""
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -34,6 +35,17 @@ def shared_fixture(name: str) -> Path:
   if not path.exists():
     pytest.fail(f'{path} is missing: the large reference fixtures are read from ../shared/fixtures')
   return path
+
+
+@contextlib.contextmanager
+def quick_compile():
+  """XLA without most of its optimisations inside the block (for one program's compile where
+  the rest of the module must compile as users do)."""
+  jax.config.update('jax_disable_most_optimizations', True)
+  try:
+    yield
+  finally:
+    jax.config.update('jax_disable_most_optimizations', False)
 
 
 @pytest.fixture(scope='module')
