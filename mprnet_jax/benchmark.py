@@ -34,6 +34,7 @@ from mprnet_jax.configs import base as base_config
 from mprnet_jax.errors import MprnetError
 from mprnet_jax.layers import normalize_remat
 from mprnet_jax.model import MPRNet, compute_dtype
+from mprnet_jax.parallel import place_batch, place_state
 from mprnet_jax.train_step import create_train_state, make_train_step
 
 SMOKE_SIZES = dict(n_feat=8, scale_unetfeats=4, scale_orsnetfeats=4, num_cab=1)
@@ -142,7 +143,11 @@ def run_benchmark(*, mode: str = 'train', task: str = 'deblurring', dtype: str =
     config = benchmark_config(task, batch, dtype, remat)
     graphdef, state = create_train_state(model, config, steps_per_epoch=1000, seed=0)
     step = make_train_step(graphdef, config, steps_per_epoch=1000, parallel='none')
-    batch_arrays = {'input': inputs, 'target': jax.random.uniform(keys[1], shape, jnp.float32)}
+    # Placed as the trainer places them: the step returns its state on the mesh of one device,
+    # and a first call with an unplaced state would compile a second program (timed as warmup).
+    state = place_state(state, 'none')
+    batch_arrays = place_batch(
+        {'input': inputs, 'target': jax.random.uniform(keys[1], shape, jnp.float32)}, 'none')
     holder = {'state': state}
     jitted, args = step, (state, batch_arrays, keys[1])
 
