@@ -212,28 +212,32 @@ def test_loader_shards_disjoint_and_cover_one_epoch():
   assert len(a) == len(b) == 6 and not set(a) & set(b) and set(a) | set(b) == set(range(12))
 
 
-def test_loader_workers_match_in_process():
+@pytest.fixture(scope='module')
+def worker_run():
+  """A loader with two worker processes, read for 5 + 3 batches with its state saved after
+  the fifth: both worker tests read this one run (each start of the workers is a few seconds
+  of imports per worker)."""
   source = _ArraySource(8)
-  batches = {}
-  for workers in (0, 2):
-    iterator = iter(
-        data.make_train_loader(source, batch_size=2, patch_size=8, seed=3, num_workers=workers))
-    batches[workers] = _take(iterator, 6)
-    if workers:
-      iterator.close()
-  _assert_same(batches[0], batches[2])
-
-
-def test_loader_state_restore_with_workers():
-  source = _ArraySource(8)
-  loader = data.make_train_loader(source, batch_size=2, patch_size=8, seed=4, num_workers=2)
+  make = lambda workers: data.make_train_loader(source, batch_size=2, patch_size=8, seed=4,
+                                                num_workers=workers)
+  loader = make(2)
   iterator = iter(loader)
-  _take(iterator, 5)
+  first = _take(iterator, 5)
   state = data.loader_state(iterator)
-  expected = _take(iterator, 3)
+  rest = _take(iterator, 3)
   iterator.close()
-  restored = data.restore_loader(iter(loader), state)
-  _assert_same(expected, _take(restored, 3))
+  return make, loader, first + rest, state
+
+
+def test_loader_workers_match_in_process(worker_run):
+  make, _, with_workers, _ = worker_run
+  _assert_same(_take(iter(make(0)), len(with_workers)), with_workers)
+
+
+def test_loader_state_restore_with_workers(worker_run):
+  _, loader, batches, state = worker_run
+  restored = data.restore_loader(iter(loader), state)  # fresh workers, moved to the saved state
+  _assert_same(batches[5:], _take(restored, 3))
   restored.close()
 
 
