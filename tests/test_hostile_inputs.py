@@ -62,8 +62,9 @@ def _zip_pth(path, pkl, storages=(), compress=False):
 
 
 def zip_bomb_pth(path, inflated=1 << 30):
-  """A ~1 MB archive whose data.pkl (a valid pickle: one huge string) inflates to 1 GiB."""
-  with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+  """A ~5 MB archive whose data.pkl (a valid pickle: one huge string) inflates to 1 GiB (zlib's
+  fastest level: about 1 s to write instead of 4 s at level 9, for a 1 MB archive)."""
+  with zipfile.ZipFile(path, 'w', zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
     with zf.open('ckpt/data.pkl', 'w', force_zip64=True) as entry:
       entry.write(b'\x80\x02X' + struct.pack('<I', inflated - 4))
       chunk = b'a' * (1 << 24)
