@@ -1,9 +1,11 @@
 """Configs: every field is validated at load with one line naming it; the base and the demo
 ship in the package, so an installed wheel trains; one builder turns a config into a model."""
 
+import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -85,10 +87,33 @@ def test_cli_train_refuses_a_bad_value_in_one_line_before_touching_the_workdir(t
   assert not workdir.exists()
 
 
+# Both `mprnet train` commands of the installed-wheel test, in one interpreter: the console
+# script's entry point (`mprnet_jax.cli:main`) called once per command, each from its own
+# working directory. Prints where the package came from, each command's exit status between
+# markers, and the files of every mprnet_jax module it ended up using.
+WHEEL_RUNS = textwrap.dedent('''
+  import json, os, sys
+  import mprnet_jax
+  from mprnet_jax.cli import main
+  print('package', mprnet_jax.__file__, flush=True)
+  for name, cwd, argv in json.loads(sys.argv[1]):
+    os.chdir(cwd)
+    print('=== start', name, flush=True)
+    rc = main(argv)
+    print('=== end', name, rc, flush=True)
+  print('modules', json.dumps(sorted({m.__file__ for n, m in list(sys.modules.items())
+                                      if n.split('.')[0] == 'mprnet_jax' and
+                                      getattr(m, '__file__', None)})))
+''')
+
+
 def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
   """Build the wheel, install it (without its dependencies, which this environment already
-  has) into a fresh venv outside the checkout, and train from there: the demo needs no file of
-  the checkout, and `--config experiments/smoke.py` works with the installed package."""
+  has) into a fresh venv outside the checkout, and train from there: the demo from a folder
+  outside the checkout (it needs no file of the checkout), then `mprnet train --config
+  experiments/smoke.py` from the checkout, with the installed package. Both commands run in
+  one process (`WHEEL_RUNS`), started outside the checkout with `-P`, so that, as for the
+  installed `mprnet` script, no folder of the checkout is on sys.path."""
   wheels = tmp_path / 'wheels'
   subprocess.run([
       sys.executable, '-m', 'pip', 'wheel', '--no-deps', '--no-build-isolation', '-q', '-w',
@@ -109,30 +134,39 @@ def test_an_installed_wheel_trains_the_demo_and_a_checkout_experiment(tmp_path):
   ], check=True, capture_output=True)
   python = venv / 'bin' / 'python'
   env = {k: v for k, v in os.environ.items() if k not in ('PYTHONPATH', 'XLA_FLAGS')}
-  # One compilation cache for both runs, and XLA's quick compile: this checks packaging.
-  env['MPRNET_JAX_CACHE'] = str(tmp_path / 'cache')
+  # XLA's quick compile (this checks packaging); the compilation cache is the tests' own
+  # (JAX_COMPILATION_CACHE_DIR, from conftest), so the second command finds the step compiled.
   env['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'
   outside = tmp_path / 'elsewhere'
   outside.mkdir()
-  located = subprocess.run([str(python), '-c', 'import mprnet_jax; print(mprnet_jax.__file__)'],
-                           cwd=outside, env=env, check=True, capture_output=True, text=True)
-  assert str(site) in located.stdout  # the installed copy, not the checkout
   # The packaged demo, shrunk to the smoke experiment's step (what matters here is that the
-  # wheel finds its config), so the second run finds that step compiled.
+  # wheel finds its config), so the second command finds that step compiled.
   shrink = ('num_steps=2 eval_every=2 batch_size=2 num_epochs=4 task=deblurring '
             'model.n_feat=8 model.scale_unetfeats=4 model.scale_orsnetfeats=4 '
             'data.patch_size=32 data.val_patch_size=32 data.variants=1 data.augment=deblur '
             'optim.lr=0.001 optim.min_lr=1e-6').split()
-  runs = {
-      'demo': (outside, []),
-      'smoke': (ROOT, ['--config', str(SMOKE)]),  # an experiment file of the checkout
-  }
-  for name, (cwd, config) in runs.items():
-    overrides = [f'--config.{o}' for o in (shrink if name == 'demo' else ['num_steps=2'])]
-    command = [
-        str(python), '-m', 'mprnet_jax.cli', 'train', *config, '--workdir',
-        str(tmp_path / name), *overrides
-    ]
-    run = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, (name, run.stderr[-2000:])
-    assert '"step": 2' in run.stdout, name
+  runs = [
+      ('demo', str(outside),
+       ['train', '--workdir',
+        str(tmp_path / 'demo'), *[f'--config.{o}' for o in shrink]]),
+      # An experiment file of the checkout, named as from the checkout's root.
+      ('smoke', str(ROOT), [
+          'train', '--config', 'experiments/smoke.py', '--workdir',
+          str(tmp_path / 'smoke'), '--config.num_steps=2'
+      ]),
+  ]
+  run = subprocess.run(
+      [str(python), '-P', '-c', WHEEL_RUNS, json.dumps(runs)], cwd=outside, env=env,
+      capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stderr[-3000:]
+  lines = run.stdout.splitlines()
+  package, = [line.split(' ', 1)[1] for line in lines if line.startswith('package ')]
+  assert package.startswith(str(site)), package  # the installed copy, not the checkout
+  for name, _, _ in runs:
+    start = lines.index(f'=== start {name}')
+    end, = [i for i, line in enumerate(lines) if line.startswith(f'=== end {name} ')]
+    assert lines[end] == f'=== end {name} 0', (lines[end], run.stderr[-2000:])
+    assert '"step": 2' in '\n'.join(lines[start:end]), (name, run.stdout[-2000:])
+  # Every module of the package the two commands used came from the wheel.
+  modules = json.loads(lines[-1].split(' ', 1)[1])
+  assert modules and all(path.startswith(str(site)) for path in modules), modules
