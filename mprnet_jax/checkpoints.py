@@ -801,7 +801,8 @@ def _path_name(path) -> str:
 
 def _model_matching_checkpoint(manager, step: int, directory: Path, dtype):
   """An MPRNet of the sizes stored with checkpoint `step`, once they are known to give the
-  parameter shapes the checkpoint holds (compared abstractly: nothing allocated before)."""
+  parameter shapes the checkpoint holds (compared abstractly: nothing allocated before); its
+  parameters are abstract (shapes and dtypes) where it has no other state."""
   from mprnet_jax.model import MPRNet
 
   where = f'checkpoint {directory / str(step)}'
@@ -841,7 +842,11 @@ def _model_matching_checkpoint(manager, step: int, directory: Path, dtype):
     raise _BadStoredSizes(f'{where}: the stored model sizes {sizes} do not match its parameters '
                           f'({len(differing)} differ, e.g. {differing[0]}: '
                           f'{have.get(differing[0])} stored, {want.get(differing[0])} expected)')
-  return build(), config
+  # The parameters are replaced by the checkpoint's: the abstract model will do, unless it
+  # holds state besides its parameters (then built for real, to carry that state's values).
+  if jax.tree.leaves(nnx.state(abstract, nnx.Not(nnx.Param))):
+    return build(), config
+  return abstract, config
 
 
 def load_model_from_workdir(workdir: str | os.PathLike, dtype=None):

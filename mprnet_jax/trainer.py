@@ -27,6 +27,7 @@ import threading
 import time
 
 import jax
+import ml_collections
 import numpy as np
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
@@ -176,6 +177,37 @@ def _enable_compilation_cache() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
+# Fields of the loop only (how long it runs, how often it logs, validates and saves), never of
+# the training or evaluation step: the steps are built from a config without them.
+_LOOP_FIELDS = ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints')
+# The jitted steps of this process's latest runs, by everything they are built from. Another run
+# of the same model and settings in this process (a resumed run in a test or a notebook) reuses
+# them: no tracing, lowering or compiling again (seconds, even from the compilation cache).
+_STEP_CACHE: dict = {}
+_STEP_CACHE_SIZE = 2
+
+
+def _steps(graphdef, config, steps_per_epoch: int, parallel: str, mesh):
+  """(train step, eval step) of `step_lib` for this run, reused from an earlier run of this
+  process when it was built from the same graphdef, the same config (but for `_LOOP_FIELDS`),
+  epoch length, placement and XLA optimisation setting."""
+  fields = config_to_dict(config)
+  for name in _LOOP_FIELDS:
+    fields.pop(name, None)
+  key = (graphdef, json.dumps(fields, sort_keys=True), steps_per_epoch, parallel, mesh,
+         jax.config.values.get('jax_disable_most_optimizations'))
+  if key not in _STEP_CACHE:
+    # Built from the config without the loop's fields, so a step never depends on one of them.
+    step_config = ml_collections.ConfigDict(fields)
+    _STEP_CACHE[key] = (step_lib.make_train_step(graphdef, step_config, steps_per_epoch,
+                                                 parallel=parallel, mesh=mesh),
+                        step_lib.make_eval_step(graphdef, step_config))
+  _STEP_CACHE[key] = _STEP_CACHE.pop(key)  # the newest last
+  while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
+    del _STEP_CACHE[next(iter(_STEP_CACHE))]
+  return _STEP_CACHE[key]
+
+
 # A run whose first steps (this many, or config.max_nonfinite if smaller) were all skipped for
 # a non-finite loss stops there, instead of skipping on to the end and exiting as if it trained.
 _FIRST_STEPS_CHECKED = 3
@@ -251,9 +283,7 @@ def _train(config, workdir: str, start_time: float) -> dict:
   parallel = parallel_lib.choose_parallel(config.parallel)
   mesh = parallel_lib.make_mesh() if parallel == 'mesh' else None
   state = parallel_lib.place_state(state, parallel, mesh)
-  step_fn = step_lib.make_train_step(graphdef, config, steps_per_epoch, parallel=parallel,
-                                     mesh=mesh)
-  eval_fn = step_lib.make_eval_step(graphdef, config)
+  step_fn, eval_fn = _steps(graphdef, config, steps_per_epoch, parallel, mesh)
   logger = MetricsLogger(workdir, enabled=main)
   logger.truncate_after(start_step)
   say(f'Training {total_steps} steps ({steps_per_epoch} per epoch, global batch '
