@@ -1,5 +1,9 @@
 """Restoring and evaluating real photographs, exporting weights, and the command line's
-answers to bad input."""
+answers to bad input.
+
+Each image size is a compile of the network (seconds): besides the odd-sized photo (padded to
+208 x 320) the tests use images padded to 64 x 64 and tiles of 64 (one program, from the
+cache after its first compile) wherever the size is not what they test."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -14,6 +18,8 @@ from mprnet_jax.errors import MprnetError
 from mprnet_jax.image_io import read_image, write_image
 from mprnet_jax.inference import Restorer
 from mprnet_jax.metrics import psnr
+
+pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, and tiling within one setting
 
 TINY = FIXTURES / 'tiny.pth'
 
@@ -71,10 +77,10 @@ def test_each_ensemble_view_is_undone_exactly():
     assert len(flat) == 8
 
 
-def test_ensemble_of_an_equivariant_network_is_that_network(photo, monkeypatch):
+def test_ensemble_of_an_equivariant_network_is_that_network(restorer, photo, monkeypatch):
   """A stand-in network that commutes with flips and rotations (a per-pixel function) gives
   the same result with and without the ensemble: every view is mapped back onto the image."""
-  model = from_pytorch(TINY)
+  model = restorer.model
   image = photo[:64, :48].astype(np.float32) / 255
   plain = Restorer(model)
   ensembled = Restorer(model, ensemble=True)
@@ -84,8 +90,8 @@ def test_ensemble_of_an_equivariant_network_is_that_network(photo, monkeypatch):
   assert np.allclose(ensembled.restore_float(image), plain.restore_float(image), atol=2e-7)
 
 
-def test_ensemble_averages_eight_views(photo):
-  model = from_pytorch(TINY)
+def test_ensemble_averages_eight_views(restorer, photo):
+  model = restorer.model
   image = photo[:64, :64].astype(np.float32) / 255
   plain = Restorer(model).restore_float(image)
   ensembled = Restorer(model, ensemble=True).restore_float(image)
@@ -94,19 +100,19 @@ def test_ensemble_averages_eight_views(photo):
 
 def test_out_of_memory_falls_back_to_tiles(restorer, photo, monkeypatch):
   """An image that exhausts device memory is restored in tiles instead (simulated: the
-  compiled function refuses inputs above 256 pixels a side, as XLA reports it)."""
+  compiled function refuses inputs above 64 pixels a side, as XLA reports it)."""
   tiled = Restorer(restorer.model, bucket=8)
   real_apply = tiled._apply
 
   def limited(params, x):
-    if max(x.shape[1:3]) > 256:
+    if max(x.shape[1:3]) > 64:
       raise RuntimeError('RESOURCE_EXHAUSTED: Out of memory while trying to allocate')
     return real_apply(params, x)
 
   monkeypatch.setattr(tiled, '_apply', limited)
-  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (512, 256))
+  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (512, 64))  # 512: not below 317
   image = photo.astype(np.float32) / 255  # 203 x 317: too large here
-  with pytest.warns(UserWarning, match='restoring in 256-pixel tiles'):
+  with pytest.warns(UserWarning, match='restoring in 64-pixel tiles'):
     restored = tiled.restore_float(image)
   assert restored.shape == image.shape
   assert float(psnr(restored, restorer.restore_float(image))) > 10  # a restoration, not noise
@@ -124,7 +130,7 @@ def _write_pairs(root, photo):
   (root / 'input').mkdir(parents=True)
   (root / 'target').mkdir()
   rng = np.random.default_rng(0)
-  for i, crop in enumerate([photo[:72, :96], photo[40:120, 100:180]]):
+  for i, crop in enumerate([photo[:64, :64], photo[40:101, 100:163]]):  # both padded to 64x64
     noisy = np.clip(crop + rng.normal(0, 20, crop.shape), 0, 255).astype(np.uint8)
     Image.fromarray(noisy).save(root / 'input' / f'{i}.png')
     Image.fromarray(crop).save(root / 'target' / f'{i}.png')
@@ -146,13 +152,14 @@ def test_cli_convert_with_reference(tmp_path, capsys):
 def test_cli_restore_folder_keeps_depth_and_never_overwrites(tmp_path, photo, capsys):
   folder = tmp_path / 'in'
   folder.mkdir()
-  write_image(folder / 'a.png', photo[:50, :70] / 255.0)
-  Image.fromarray((photo[:40, :40, 0].astype(np.uint16) * 257)).save(folder / 'gray16.png')
+  # Odd sizes, both padded to 64 x 64.
+  write_image(folder / 'a.png', photo[:61, :59] / 255.0)
+  Image.fromarray((photo[:57, :60, 0].astype(np.uint16) * 257)).save(folder / 'gray16.png')
   out = tmp_path / 'out'
   with pytest.warns(UserWarning, match='grayscale'):
     assert main(['restore', '--weights', str(TINY), str(folder), '--output', str(out)]) == 0
   restored, info = read_image(out / 'a.png')
-  assert restored.shape == (50, 70, 3) and info.bit_depth == 8
+  assert restored.shape == (61, 59, 3) and info.bit_depth == 8
   with pytest.warns(UserWarning):
     _, info16 = read_image(out / 'gray16.png')
   assert info16.bit_depth == 16 and info16.mode == 'gray'
@@ -231,7 +238,7 @@ def test_cli_bad_inputs_give_one_line_errors(tmp_path, capsys):
 def test_image_above_the_memory_budget_is_tiled_before_running(restorer, photo, monkeypatch):
   """On the CPU an oversized allocation can kill the process before XLA reports anything, so
   an image whose estimated peak exceeds the budget is tiled from the start, with a warning."""
-  image = photo[:64, :96].astype(np.float32) / 255
+  image = photo.astype(np.float32) / 255
   small = Restorer(restorer.model, bucket=8, memory_budget=1)  # nothing fits: smallest tile
   whole_calls = []
   real_apply = small._apply
@@ -241,17 +248,17 @@ def test_image_above_the_memory_budget_is_tiled_before_running(restorer, photo, 
     return real_apply(params, x)
 
   monkeypatch.setattr(small, '_apply', counting)
-  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (64, 32))
-  with pytest.warns(UserWarning, match=r'64x96 needs about .* budget on cpu; restoring in '
-                    r'32-pixel tiles'):
+  monkeypatch.setattr('mprnet_jax.inference.FALLBACK_TILES', (128, 64))
+  with pytest.warns(UserWarning, match=r'203x317 needs about .* budget on cpu; restoring in '
+                    r'64-pixel tiles'):
     restored = small.restore_float(image)
-  assert all(shape[1:3] == (32, 32) for shape in whole_calls)  # never the whole image
+  assert all(shape[1:3] == (64, 64) for shape in whole_calls)  # never the whole image
   from mprnet_jax import tiling
   # the fall-back's tiling: one tile per call, overlap min(64, tile // 4)
-  expected = tiling.restore_tiled(lambda x: real_apply(small._params, x), image, 32, 8, 8,
+  expected = tiling.restore_tiled(lambda x: real_apply(small._params, x), image, 64, 16, 8,
                                   batch_tiles=1)
   np.testing.assert_array_equal(restored, expected)
-  roomy = Restorer(restorer.model, bucket=8, memory_budget=small.estimate_bytes(64, 96))
+  roomy = Restorer(restorer.model, bucket=8, memory_budget=small.estimate_bytes(203, 317))
   np.testing.assert_array_equal(roomy.restore_float(image), restorer.restore_float(image))
 
 
