@@ -177,9 +177,11 @@ def _enable_compilation_cache() -> None:
     jax.config.update('jax_persistent_cache_min_compile_time_secs', 1.0)
 
 
-# Fields of the loop only (how long it runs, how often it logs, validates and saves), never of
-# the training or evaluation step: the steps are built from a config without them.
-_LOOP_FIELDS = ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints')
+# Fields of the loop only (how long it runs, how often it logs, validates and saves, where its
+# data is read from), never of the training or evaluation step: the steps are built from a
+# config without them.
+_LOOP_FIELDS = ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
+                'data.train_dir', 'data.val_dir')
 # The jitted steps of this process's latest runs, by everything they are built from. Another run
 # of the same model and settings in this process (a resumed run in a test or a notebook) reuses
 # them: no tracing, lowering or compiling again (seconds, even from the compilation cache).
@@ -193,7 +195,11 @@ def _steps(graphdef, config, steps_per_epoch: int, parallel: str, mesh):
   epoch length, placement and XLA optimisation setting."""
   fields = config_to_dict(config)
   for name in _LOOP_FIELDS:
-    fields.pop(name, None)
+    *parents, last = name.split('.')
+    node = fields
+    for parent in parents:
+      node = node.get(parent) or {}
+    node.pop(last, None)
   key = (graphdef, json.dumps(fields, sort_keys=True), steps_per_epoch, parallel, mesh,
          jax.config.values.get('jax_disable_most_optimizations'))
   if key not in _STEP_CACHE:
