@@ -256,6 +256,13 @@ def _abstract(tree):
   return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
 
 
+def _on_this_host(tree):
+  """Shapes and dtypes of `tree` placed on this process's first device: restored there whatever
+  devices or hosts wrote the checkpoint (without a placement, orbax asks for the writers')."""
+  one_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=one_device), tree)
+
+
 def _train_fields(state) -> dict[str, Any]:
   return {f.name: getattr(state, f.name) for f in dataclasses.fields(state) if f.name != 'params'}
 
@@ -890,7 +897,7 @@ def _load_params(manager, step: int, directory: Path, dtype):
     with _quiet_orbax():
       restored = manager.restore(
           step,
-          args=ocp.args.Composite(params=ocp.args.StandardRestore(_abstract(params))))['params']
+          args=ocp.args.Composite(params=ocp.args.StandardRestore(_on_this_host(params))))['params']
   except Exception as error:
     raise CheckpointError(f'{where}: its parameters are unreadable ({_one_line(error)})') from error
   sums = config.get('checksums')
