@@ -2,6 +2,7 @@
 checkpoint, the files a run leaves, loading the trained model, SIGTERM; and the experiment
 configs. The smoke runs share one compiled step through the persistent compilation cache."""
 
+import contextlib
 import functools
 import json
 import os
@@ -237,6 +238,25 @@ def test_stored_model_sizes_are_checked_before_building(full_run, tmp_path, monk
   assert 8192 not in built and '8' not in built
 
 
+def wait_until_unchanged(folder: Path, quiet_s: float, limit_s: float) -> None:
+  """Returns once no file under `folder` appeared, vanished or changed size for `quiet_s`."""
+
+  def snapshot():
+    found = []
+    for path in folder.rglob('*'):
+      with contextlib.suppress(FileNotFoundError):
+        found.append((str(path), path.stat().st_size))
+    return sorted(found)
+
+  deadline = time.monotonic() + limit_s
+  last, since = snapshot(), time.monotonic()
+  while time.monotonic() - since < quiet_s and time.monotonic() < deadline:
+    time.sleep(0.1)
+    now = snapshot()
+    if now != last:
+      last, since = now, time.monotonic()
+
+
 def test_a_failed_save_leaves_nothing_half_written(full_run, tmp_path, monkeypatch, capfd):
   import errno
 
@@ -260,7 +280,10 @@ def test_a_failed_save_leaves_nothing_half_written(full_run, tmp_path, monkeypat
   monkeypatch.undo()
   # What the failed save left is no step, and the next run removes it.
   assert TrainCheckpointer(workdir).all_steps() == [3, 4, 6]
-  time.sleep(1)  # orbax's writes of the other items, still landing
+  # Orbax's writes of the other items are still landing in this process (a crashed run's would
+  # not be): wait until the folder has not changed for 2 s (a fixed 1 s sleep was too short
+  # on a loaded machine).
+  wait_until_unchanged(workdir / 'checkpoints', quiet_s=2.0, limit_s=60.0)
   next_run = TrainCheckpointer(workdir)
   assert next_run.discard_unfinished_saves() == ['7.orbax-checkpoint-tmp']
   leftovers = sorted(p.name for p in (workdir / 'checkpoints').iterdir())
