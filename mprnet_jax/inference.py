@@ -3,6 +3,7 @@ loops behind `mprnet restore` and `mprnet evaluate`."""
 
 from __future__ import annotations
 
+import functools
 import os
 import warnings
 from collections.abc import Iterable
@@ -88,24 +89,16 @@ def _inverse_geometric(x: jax.Array, mode: int) -> jax.Array:
 # The jitted forward pass of the networks restored with lately, by graph (sizes and compute
 # dtype) and XLA optimisation setting: every Restorer of the same network shares it, so a new
 # one (each command, each test) neither traces nor compiles again for an image size seen before.
-_APPLY_CACHE: dict = {}
-_APPLY_CACHE_SIZE = 4
-
-
-def _jitted_apply(graphdef):
+@functools.lru_cache(maxsize=4)
+def _jitted_apply(graphdef, disable_most_optimizations: bool):
   """`apply(params, x)`: the final stage's output of the network `graphdef`, clipped to [0, 1]."""
-  key = (graphdef, jax.config.values.get('jax_disable_most_optimizations'))
-  apply = _APPLY_CACHE.pop(key, None)
-  if apply is None:
+  del disable_most_optimizations  # part of the cache key only
 
-    @jax.jit
-    def apply(params, x):
-      outputs = nnx.merge(graphdef, params)(x)
-      return jnp.clip(outputs[0], 0.0, 1.0)
+  @jax.jit
+  def apply(params, x):
+    outputs = nnx.merge(graphdef, params)(x)
+    return jnp.clip(outputs[0], 0.0, 1.0)
 
-  _APPLY_CACHE[key] = apply  # the newest last
-  while len(_APPLY_CACHE) > _APPLY_CACHE_SIZE:
-    del _APPLY_CACHE[next(iter(_APPLY_CACHE))]
   return apply
 
 
@@ -150,7 +143,7 @@ class Restorer:
     self.ensemble, self.memory_budget = ensemble, memory_budget
     graphdef, params = nnx.split(model)
     self._params = params
-    self._apply = _jitted_apply(graphdef)
+    self._apply = _jitted_apply(graphdef, jax.config.values.get('jax_disable_most_optimizations'))
 
   def apply_batch(self, x: jax.Array) -> jax.Array:
     """The network's final output, clipped to [0, 1], for (N, H, W, 3) with H, W multiples of 8;

@@ -18,6 +18,7 @@ there directly, the logs through a local mirror (see `checkpoints`, `train_loggi
 from __future__ import annotations
 
 import atexit
+import functools
 import json
 import os
 import signal
@@ -182,11 +183,6 @@ def _enable_compilation_cache() -> None:
 # config without them.
 _LOOP_FIELDS = ('num_steps', 'log_every', 'eval_every', 'checkpoint_every', 'keep_checkpoints',
                 'data.train_dir', 'data.val_dir')
-# The jitted steps of this process's latest runs, by everything they are built from. Another run
-# of the same model and settings in this process (a resumed run in a test or a notebook) reuses
-# them: no tracing, lowering or compiling again (seconds, even from the compilation cache).
-_STEP_CACHE: dict = {}
-_STEP_CACHE_SIZE = 2
 
 
 def _steps(graphdef, config, steps_per_epoch: int, parallel: str, mesh):
@@ -200,18 +196,22 @@ def _steps(graphdef, config, steps_per_epoch: int, parallel: str, mesh):
     for parent in parents:
       node = node.get(parent) or {}
     node.pop(last, None)
-  key = (graphdef, json.dumps(fields, sort_keys=True), steps_per_epoch, parallel, mesh,
-         jax.config.values.get('jax_disable_most_optimizations'))
-  if key not in _STEP_CACHE:
-    # Built from the config without the loop's fields, so a step never depends on one of them.
-    step_config = ml_collections.ConfigDict(fields)
-    _STEP_CACHE[key] = (step_lib.make_train_step(graphdef, step_config, steps_per_epoch,
-                                                 parallel=parallel, mesh=mesh),
-                        step_lib.make_eval_step(graphdef, step_config))
-  _STEP_CACHE[key] = _STEP_CACHE.pop(key)  # the newest last
-  while len(_STEP_CACHE) > _STEP_CACHE_SIZE:
-    del _STEP_CACHE[next(iter(_STEP_CACHE))]
-  return _STEP_CACHE[key]
+  return _cached_steps(graphdef, json.dumps(fields, sort_keys=True), steps_per_epoch, parallel,
+                       mesh, jax.config.values.get('jax_disable_most_optimizations'))
+
+
+# The jitted steps of this process's latest runs, by everything they are built from. Another run
+# of the same model and settings in this process (a resumed run in a test or a notebook) reuses
+# them: no tracing, lowering or compiling again (seconds, even from the compilation cache).
+@functools.lru_cache(maxsize=2)
+def _cached_steps(graphdef, step_fields: str, steps_per_epoch: int, parallel: str, mesh,
+                  disable_most_optimizations: bool):
+  del disable_most_optimizations  # part of the cache key only
+  # Built from the config without the loop's fields, so a step never depends on one of them
+  # (JSON turns tuples into lists: only data fields have tuples, and the steps read none).
+  step_config = ml_collections.ConfigDict(json.loads(step_fields))
+  return (step_lib.make_train_step(graphdef, step_config, steps_per_epoch, parallel=parallel,
+                                   mesh=mesh), step_lib.make_eval_step(graphdef, step_config))
 
 
 # A run whose first steps (this many, or config.max_nonfinite if smaller) were all skipped for

@@ -54,11 +54,10 @@ def fast_compile():
   on the CPU. For modules that test plumbing (files, resumes, errors, parallel equivalence
   within one setting), never for the parity tests against the official fixtures; opt in with
   `pytestmark = pytest.mark.usefixtures('fast_compile')`."""
-  jax.config.update('jax_disable_most_optimizations', True)
   os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS'] = '1'  # and in the processes the tests start
-  yield
+  with quick_compile():
+    yield
   del os.environ['JAX_DISABLE_MOST_OPTIMIZATIONS']
-  jax.config.update('jax_disable_most_optimizations', False)
 
 
 @pytest.fixture(scope='session')
