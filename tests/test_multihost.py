@@ -45,7 +45,7 @@ def test_two_processes_match_one(tmp_path, request):
   from mprnet_jax.checkpoints import TrainCheckpointer, load_model_from_workdir
   port = _free_port()
   workdir, storage_env = _workdir_for_the_two_processes(request, tmp_path)
-  # Without conftest's 8 devices, and without the persistent compilation cache: XLA:CPU's
+  # Without conftest's device count, and without the persistent compilation cache: XLA:CPU's
   # mesh program with MixUp, loaded back from the cache, deadlocks in its collectives (see
   # tests/test_parallel.py), so the processes compile it afresh every time.
   env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
