@@ -810,7 +810,7 @@ def _model_matching_checkpoint(manager, step: int, directory: Path, dtype):
   """An MPRNet of the sizes stored with checkpoint `step`, once they are known to give the
   parameter shapes the checkpoint holds (compared abstractly: nothing allocated before); its
   parameters are abstract (shapes and dtypes) where it has no other state."""
-  from mprnet_jax.model import MPRNet
+  from mprnet_jax.model import MPRNet, abstract_mprnet
 
   where = f'checkpoint {directory / str(step)}'
   try:
@@ -827,7 +827,7 @@ def _model_matching_checkpoint(manager, step: int, directory: Path, dtype):
     return MPRNet(**sizes, dtype=dtype, rngs=nnx.Rngs(0))
 
   try:
-    abstract = nnx.eval_shape(build)
+    abstract = abstract_mprnet(**sizes, dtype=dtype)
   except Exception as error:  # sizes the network cannot be built with (e.g. n_feat < reduction)
     raise _BadStoredSizes(f'{where}: no MPRNet has the stored sizes {sizes} '
                           f'({_one_line(error)})') from error

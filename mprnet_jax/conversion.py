@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 
 from mprnet_jax import storage
-from mprnet_jax.model import PRESETS, MPRNet, MPRNetConfig
+from mprnet_jax.model import PRESETS, MPRNet, MPRNetConfig, abstract_mprnet
 from mprnet_jax.torch_format import CheckpointError, load_pth
 
 _PREFIX = 'module.'  # added by nn.DataParallel, which the official train.py uses on several GPUs
@@ -228,6 +228,5 @@ def from_pytorch(path_or_state_dict, *, task: str | None = None, dtype=None, par
   state = unwrap_state_dict(checkpoint, source)
   config = infer_config(state, source)
   check_task(config, task, source)
-  model = nnx.eval_shape(lambda: MPRNet(**config.to_dict(), dtype=dtype,
-                                        **({'param_dtype': param_dtype} if param_dtype else {})))
+  model = abstract_mprnet(**config.to_dict(), dtype=dtype, param_dtype=param_dtype)
   return load_state_dict(model, state, source)

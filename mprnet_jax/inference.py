@@ -19,7 +19,7 @@ from mprnet_jax import storage, tiling
 from mprnet_jax.errors import MprnetError
 from mprnet_jax.files import refuse_overwriting_inputs, require_regular_file
 from mprnet_jax.image_io import ImageError, list_images, read_image, write_image
-from mprnet_jax.model import MPRNet, compute_dtype
+from mprnet_jax.model import MPRNet, abstract_mprnet, compute_dtype
 
 # Tile sizes tried, largest first, when a whole image does not fit in device memory.
 FALLBACK_TILES = (1024, 512, 256)
@@ -136,7 +136,7 @@ class Restorer:
       from mprnet_jax.weights import load_model
       model = load_model(weights, dtype=compute)
     if jnp.dtype(model.dtype) != jnp.dtype(compute):  # always the dtype asked for
-      rebuilt = nnx.eval_shape(lambda: MPRNet(**model.config.to_dict(), dtype=compute))
+      rebuilt = abstract_mprnet(**model.config.to_dict(), dtype=compute)
       nnx.update(rebuilt, nnx.state(model, nnx.Param))
       model = rebuilt
     self.model, self.tile, self.overlap, self.bucket = model, tile, overlap, bucket

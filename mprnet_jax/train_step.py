@@ -31,7 +31,7 @@ from mprnet_jax.augment import mixup
 from mprnet_jax.builders import build_model, build_optimizer
 from mprnet_jax.errors import ConfigError, NonFiniteTraining
 from mprnet_jax.losses import mprnet_loss_terms
-from mprnet_jax.model import MPRNet, MPRNetConfig
+from mprnet_jax.model import MPRNet, MPRNetConfig, abstract_mprnet
 from mprnet_jax.model import compute_dtype as model_compute_dtype
 from mprnet_jax.layers import normalize_remat
 from mprnet_jax.optim import learning_rate_schedule
@@ -85,8 +85,8 @@ def _remat(config) -> str:
 def _graphdef_for(model_config: MPRNetConfig, config) -> tuple[nnx.GraphDef, Any]:
   """GraphDef (and abstract params) of an MPRNet of these sizes with the config's compute
   dtype and remat; built abstractly (no arrays allocated)."""
-  abstract = nnx.eval_shape(
-      lambda: MPRNet(**model_config.to_dict(), dtype=compute_dtype(config), remat=_remat(config)))
+  abstract = abstract_mprnet(**model_config.to_dict(), dtype=compute_dtype(config),
+                             remat=_remat(config))
   return nnx.split(abstract, nnx.Param)
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from mprnet_jax import MPRNet, count_params
 from mprnet_jax.layers import downsample_half, uniform_like_jax, upsample_double
-from mprnet_jax.model import merge_columns, merge_rows, split_columns, split_rows
+from mprnet_jax.model import (abstract_mprnet, merge_columns, merge_rows, split_columns, split_rows)
 
 # Every comparison here is between two programs compiled alike (remat against none, bf16
 # against float32 within a tolerance), so XLA's quick compile suffices.
@@ -28,6 +28,23 @@ def test_preset_parameter_counts(task, expected):
 
 def test_tiny_parameter_count():
   assert count_params(nnx.eval_shape(lambda: MPRNet(**TINY))) == 427_033
+
+
+def test_abstract_builds_are_independent_copies_of_the_network():
+  built = nnx.eval_shape(lambda: MPRNet(**TINY, dtype=jnp.bfloat16, remat='convs'))
+  first = abstract_mprnet(**TINY, dtype=jnp.bfloat16, remat='convs')
+  second = abstract_mprnet(**TINY, dtype=jnp.bfloat16, remat='convs')
+  shapes = lambda m: jax.tree.map(lambda a: (a.shape, a.dtype), nnx.state(m))
+  assert shapes(first) == shapes(built) and nnx.graphdef(first) == nnx.graphdef(built)
+  # The one PReLU stays shared by every CAB, within each copy and not between them.
+  assert first.shallow_feat1[1].body[1] is first.stage3_orsnet.orb3.body[0].body[1]
+  assert first.shallow_feat1[1].body[1] is not second.shallow_feat1[1].body[1]
+  # Changing one copy (as loading weights does) leaves the next one as built.
+  first.tail.kernel.set_value(jnp.ones(first.tail.kernel.shape))
+  first.set_remat('full')
+  third = abstract_mprnet(**TINY, dtype=jnp.bfloat16, remat='convs')
+  assert isinstance(third.tail.kernel.get_value(), jax.ShapeDtypeStruct)
+  assert third.shallow_feat1[1].remat == 'convs'
 
 
 def test_explicit_sizes_override_preset():
