@@ -45,13 +45,25 @@ def _random_bits(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return jax.random.bits(key, shape, jnp.uint32)
 
 
+def _bits_like_jax(key: jax.Array, shape: tuple[int, ...]) -> np.ndarray:
+  """`jax.random.bits(key, shape, jnp.uint32)`. With partitionable threefry (jax's default),
+  element i of any shape is drawn from counter i alone, so the bits of a shape are the first
+  ones of a longer vector: one program per power-of-two length serves every kernel shape,
+  where one per shape cost a process about 2 s of compiling for each new model size."""
+  if not jax.config.jax_threefry_partitionable:
+    return np.asarray(_random_bits(key, shape))
+  size = math.prod(shape)
+  length = max(1024, 1 << (size - 1).bit_length())
+  return np.asarray(_random_bits(key, (length,)))[:size].reshape(shape)
+
+
 def uniform_like_jax(key: jax.Array, shape, low: float, high: float) -> jax.Array:
   """`jax.random.uniform(key, shape, jnp.float32, low, high)`, bit for bit, built in a tenth of
   the time on a CPU: the random bits from a quickly compiled program, then jax's own mapping of
   bits to floats in numpy. That mapping fills a float's mantissa (1 <= f < 2), subtracts 1 and
   computes f * (high - low) + low in one rounding (XLA fuses it into a multiply-add); float64
   holds that product and sum exactly, so rounding it to float32 once gives the same value."""
-  bits = np.asarray(_random_bits(key, tuple(shape)))
+  bits = _bits_like_jax(key, tuple(shape))
   mantissa = (bits >> np.uint32(9)) | np.float32(1).view(np.uint32)
   unit = mantissa.view(np.float32) - np.float32(1)
   low32, high32 = np.float32(low), np.float32(high)

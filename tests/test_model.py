@@ -61,16 +61,22 @@ def test_initialiser_draws_exactly_what_jax_random_uniform_draws():
   # The reference with XLA's optimisations on, as a user's process has them: jax.random.uniform
   # then fuses its last multiply-add into one rounding, which the fast initialiser reproduces.
   jax.config.update('jax_disable_most_optimizations', False)
+  partitionable = jax.config.jax_threefry_partitionable
   try:
-    for seed, shape, fan_in in [(0, (3, 3, 16, 24), 144), (1, (1, 1, 8, 2), 8), (2, (7,), 27),
-                                (3, (3, 3, 3, 96), 27)]:
-      key = jax.random.key(seed)
-      bound = 1 / np.sqrt(fan_in)
-      expected = np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound))
-      drawn = np.asarray(uniform_like_jax(key, shape, -bound, bound))
-      assert drawn.dtype == np.float32 and drawn.shape == shape
-      np.testing.assert_array_equal(drawn, expected)
+    # Shapes whose bits come from one longer vector (of 1024, 4096 and 131072), and with the
+    # older, non-partitionable threefry, which draws each shape on its own.
+    for partitionable_now in (True, False):
+      jax.config.update('jax_threefry_partitionable', partitionable_now)
+      for seed, shape, fan_in in [(0, (3, 3, 16, 24), 144), (1, (1, 1, 8, 2), 8), (2, (7,), 27),
+                                  (3, (3, 3, 3, 96), 27), (4, (3, 3, 96, 96), 864)]:
+        key = jax.random.fold_in(jax.random.key(seed), 5)
+        bound = 1 / np.sqrt(fan_in)
+        expected = np.asarray(jax.random.uniform(key, shape, jnp.float32, -bound, bound))
+        drawn = np.asarray(uniform_like_jax(key, shape, -bound, bound))
+        assert drawn.dtype == np.float32 and drawn.shape == shape
+        np.testing.assert_array_equal(drawn, expected, err_msg=f'{shape} {partitionable_now}')
   finally:
+    jax.config.update('jax_threefry_partitionable', partitionable)
     jax.config.update('jax_disable_most_optimizations', True)
 
 
