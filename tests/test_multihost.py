@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import SCHEDULER_FLAG
 from multihost_worker import STEPS, checksum, tiny_batch, tiny_config, train
 
 pytestmark = pytest.mark.usefixtures('fast_compile')  # plumbing, not parity
@@ -45,10 +46,10 @@ def test_two_processes_match_one(tmp_path, request):
   from mprnet_jax.checkpoints import TrainCheckpointer, load_model_from_workdir
   port = _free_port()
   workdir, storage_env = _workdir_for_the_two_processes(request, tmp_path)
-  # Without conftest's device count, and without the persistent compilation cache: XLA:CPU's
-  # mesh program with MixUp, loaded back from the cache, deadlocks in its collectives (see
-  # tests/test_parallel.py), so the processes compile it afresh every time.
-  env = {k: v for k, v in os.environ.items() if k not in ('XLA_FLAGS', 'JAX_COMPILATION_CACHE_DIR')}
+  # Without conftest's device count (each process sets its own); with the persistent
+  # compilation cache and the scheduler flag that lets a sharded program load from it (only
+  # process 0 writes the cache: process 1 compiles every time).
+  env = dict(os.environ, XLA_FLAGS=SCHEDULER_FLAG)
   env['PYTHONPATH'] = os.pathsep.join([str(WORKER.parent), env.get('PYTHONPATH', '')])
   env.update(storage_env)
   workers = [
