@@ -202,7 +202,7 @@ def abstract_mprnet(task: str | None = None, *, dtype: Any = jnp.float32,
 
   Building the module tree costs about 0.35 s of Python on a CPU core, whatever the sizes; it
   runs once per distinct set of arguments, and every call gets its own copy of the result
-  (`nnx.merge`, about 10 ms), which it may change freely."""
+  (`nnx.merge`, about 20 ms), which it may change freely."""
   key = (task, jnp.dtype(jnp.float32 if dtype is None else dtype),
          jnp.dtype(jnp.float32 if param_dtype is None else param_dtype), normalize_remat(remat),
          tuple(sorted(sizes.items())))

@@ -12,7 +12,7 @@ CPU_DEVICES = 2
 # XLA:CPU's concurrency-optimised scheduler orders a sharded program's collectives so that,
 # read back from the persistent compilation cache, the devices can enter different collectives
 # and wait on each other for ever (the training step with MixUp on a mesh; jax 0.12.0.1, 2 and 8
-# devices, and two processes). Without it, the program loads and runs; it only orders
+# devices). Without it, the program loads and runs; it only orders
 # instructions, and the official parity steps come out bit for bit the same. For this process
 # and the processes the tests start; both must happen before JAX creates its backends.
 SCHEDULER_FLAG = '--xla_cpu_enable_concurrency_optimized_scheduler=false'

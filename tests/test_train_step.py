@@ -59,8 +59,7 @@ class ParityRun:
     self.ref = np.load(FIXTURES / f'{name}_train.npz')
     self.config = make_config(task, weight_decay)
     self.model = from_pytorch(FIXTURES / f'{name}.pth')
-    self.graphdef, _ = create_train_state(self.model, self.config, PARITY_STEPS_PER_EPOCH)
-    state = self.fresh_state()
+    self.graphdef, state = self._placed_train_state()
     self.step = make_train_step(self.graphdef, self.config, PARITY_STEPS_PER_EPOCH)
     self.batch = nhwc_batch(self.ref)
     self.metrics = []
@@ -72,10 +71,13 @@ class ParityRun:
     diffs = [np.abs(self.after[k] - self.ref[f'after3/{k}']).ravel() for k in self.keys]
     self.diff = np.concatenate(diffs)
 
-  def fresh_state(self):
+  def _placed_train_state(self):
     # Placed as the step's outputs are: an unplaced first state would compile the step twice.
-    return place_state(
-        create_train_state(self.model, self.config, PARITY_STEPS_PER_EPOCH)[1], 'none')
+    graphdef, state = create_train_state(self.model, self.config, PARITY_STEPS_PER_EPOCH)
+    return graphdef, place_state(state, 'none')
+
+  def fresh_state(self):
+    return self._placed_train_state()[1]
 
 
 @pytest.fixture(scope='module')
